@@ -1,0 +1,65 @@
+"""BYOL (Grill et al., 2020): predict an EMA target network's projection of the other view."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ssl_models.config import AugmentConfig, PretrainConfig
+from ssl_models.heads import ProjectionMLP, cosine_momentum, ema_update_, momentum_copy
+from ssl_models.losses import byol_loss
+from ssl_models.methods import register_method
+from ssl_models.methods.base import SSLMethod, ViewSpec
+
+
+@register_method
+class BYOL(SSLMethod):
+    """Online backbone + projector + predictor; target = EMA of backbone + projector.
+
+    - Projector: feature_dim -> proj_hidden_dim -> proj_dim; predictor: proj_dim ->
+      pred_hidden_dim -> proj_dim (both Linear-BN-ReLU-Linear).
+    - Target momentum: cosine schedule tau = 1 - (1 - ema_momentum) * (cos(pi * progress) + 1) / 2
+      (tau = ema_momentum at the start, 1 at the end), applied in `after_step`.
+    - Loss: symmetric, `(byol_loss(p1, z2') + byol_loss(p2, z1')) / 2`; the paper sums the two
+      terms, averaging halves the loss (and gradient) scale, which LARS largely normalises away.
+    Both views are encoded in one backbone call of 2B images (online and target alike).
+    """
+
+    name: ClassVar[str] = "byol"
+    # Recipe constants (BYOL, Table 6): asymmetric blur/solarize between the two views.
+    view_blur: ClassVar[tuple[float, float]] = (1.0, 0.1)
+    view_solarize: ClassVar[tuple[float, float]] = (0.0, 0.2)
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: PretrainConfig) -> None:
+        super().__init__(backbone, feature_dim, cfg)
+        self.projector = ProjectionMLP(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+        self.predictor = ProjectionMLP(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
+        self.target_backbone = momentum_copy(backbone)
+        self.target_projector = momentum_copy(self.projector)
+
+    @classmethod
+    def views(cls, aug: AugmentConfig, image_size: int) -> list[ViewSpec]:
+        """View 1: blur 1.0, solarize 0.0; view 2: blur 0.1, solarize 0.2."""
+        return [ViewSpec(size=image_size, scale=aug.crop_scale, blur_prob=b, solarize_prob=s)
+                for b, s in zip(cls.view_blur, cls.view_solarize, strict=True)]
+
+    def tau(self, progress: float) -> float:
+        """Target EMA momentum at `progress` (cosine from cfg.ema_momentum to 1)."""
+        return cosine_momentum(self.cfg.ema_momentum, progress)
+
+    def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
+        x1, x2 = views
+        x = torch.cat([x1, x2])
+        p1, p2 = self.predictor(self.projector(self.backbone(x))).split(x1.shape[0])
+        with torch.no_grad():
+            z1, z2 = self.target_projector(self.target_backbone(x)).split(x1.shape[0])
+        return (byol_loss(p1, z2) + byol_loss(p2, z1)) / 2
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        """EMA update of the target with tau(progress)."""
+        tau = self.tau(progress)
+        ema_update_(self.target_backbone, self.backbone, tau)
+        ema_update_(self.target_projector, self.projector, tau)

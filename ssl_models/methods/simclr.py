@@ -1,0 +1,44 @@
+"""SimCLR (Chen et al., 2020): contrast two views of each image against the rest of the batch."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ssl_models.config import AugmentConfig, PretrainConfig
+from ssl_models.heads import ProjectionMLP
+from ssl_models.losses import nt_xent_loss
+from ssl_models.methods import register_method
+from ssl_models.methods.base import SSLMethod, ViewSpec
+
+
+@register_method
+class SimCLR(SSLMethod):
+    """Backbone + projector (feature_dim -> proj_hidden_dim -> proj_dim), NT-Xent loss.
+
+    Both views go through the backbone in one call of 2B images, so BatchNorm normalises over
+    the whole 2B batch as in the paper's (global-BN) setup, and the GPU sees one large batch.
+    """
+
+    name: ClassVar[str] = "simclr"
+    # Recipe constant: SimCLR's CIFAR-10 setup drops Gaussian blur (it hurts at 32 px); the
+    # ImageNet recipe uses 0.5 on both views.
+    blur_prob: ClassVar[float] = 0.0
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: PretrainConfig) -> None:
+        super().__init__(backbone, feature_dim, cfg)
+        self.projector = ProjectionMLP(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+
+    @classmethod
+    def views(cls, aug: AugmentConfig, image_size: int) -> list[ViewSpec]:
+        """Two identically distributed views (the CIFAR SimCLR recipe: no blur, no solarize)."""
+        view = ViewSpec(size=image_size, scale=aug.crop_scale, blur_prob=cls.blur_prob)
+        return [view, view]
+
+    def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
+        x1, x2 = views
+        z = self.projector(self.backbone(torch.cat([x1, x2])))
+        z1, z2 = z.split(x1.shape[0])
+        return nt_xent_loss(z1, z2, self.cfg.temperature)

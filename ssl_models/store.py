@@ -1,0 +1,333 @@
+"""The image store: the on-disk format every stage reads and ingestion writes.
+
+Layout of a store directory::
+
+    STORE/store.json                 index: size, classes, published shards (atomic rename)
+    STORE/shards/<id>.images.npy     uint8 (N, H, W, 3)
+    STORE/shards/<id>.labels.npy     int64 (N,), -1 = unlabeled
+
+Shards are immutable. Appending a batch writes new shard files first and then replaces
+`store.json` atomically, so a reader (or a crash) never sees half a batch: files not listed
+in the index are invisible and are swept on the next write. One store holds one split
+(e.g. `data/store/train`, `data/store/test`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INDEX = "store.json"
+FORMAT = "sslflow-image-store"
+VERSION = 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+class StoreError(ValueError):
+    """A store is missing, malformed, or cannot take the data it was given."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    id: str
+    count: int
+
+    def images_path(self, root: Path) -> Path:
+        return root / "shards" / f"{self.id}.images.npy"
+
+    def labels_path(self, root: Path) -> Path:
+        return root / "shards" / f"{self.id}.labels.npy"
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ImageStore:
+    """A directory of uint8 image shards with integer labels and class names."""
+
+    def __init__(self, root: Path, height: int, width: int, classes: list[str], shards: list[Shard]):
+        self.root = root
+        self.height = height
+        self.width = width
+        self.classes = classes
+        self.shards = shards
+
+    # ----------------------------------------------------------------------------- open/create
+    @staticmethod
+    def is_store(path: str | os.PathLike) -> bool:
+        return (Path(path) / INDEX).is_file()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ImageStore:
+        root = Path(path)
+        index = root / INDEX
+        if not index.is_file():
+            raise StoreError(f"{root} is not an image store (no {INDEX})")
+        try:
+            meta = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{index} is corrupt: {e}") from None
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise StoreError(f"{index}: unsupported store format {meta.get('format')!r} v{meta.get('version')}")
+        shards = [Shard(s["id"], int(s["count"])) for s in meta["shards"]]
+        return cls(root, int(meta["height"]), int(meta["width"]), list(meta["classes"]), shards)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, height: int, width: int) -> ImageStore:
+        """An empty store (published, so it can be opened at once)."""
+        root = Path(path)
+        if cls.is_store(root):
+            raise StoreError(f"{root} already holds a store")
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        store = cls(root, height, width, [], [])
+        store._publish(store.shards, store.classes)
+        return store
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike, height: int, width: int) -> ImageStore:
+        if cls.is_store(path):
+            store = cls.open(path)
+            if (store.height, store.width) != (height, width):
+                raise StoreError(
+                    f"{path} holds {store.height}x{store.width} images, not {height}x{width}"
+                )
+            return store
+        return cls.create(path, height, width)
+
+    # ----------------------------------------------------------------------------- properties
+    def __len__(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.height * self.width * 3
+
+    def labels(self) -> np.ndarray:
+        """All labels in store order (int64, -1 = unlabeled)."""
+        parts = [np.load(s.labels_path(self.root)) for s in self.shards]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def images(self) -> np.ndarray:
+        """All images in store order, (N, H, W, 3) uint8, in host memory."""
+        parts = [np.load(s.images_path(self.root)) for s in self.shards]
+        if not parts:
+            return np.zeros((0, self.height, self.width, 3), np.uint8)
+        return np.concatenate(parts)
+
+    def num_labeled(self) -> int:
+        return int((self.labels() >= 0).sum())
+
+    # ----------------------------------------------------------------------------- writing
+    def write_shard(self, images: np.ndarray, labels: np.ndarray) -> Shard:
+        """Write a shard's files without publishing it; pass the result to `publish`."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (self.height, self.width, 3):
+            raise StoreError(
+                f"expected uint8 images of shape (N, {self.height}, {self.width}, 3), "
+                f"got {images.dtype} {images.shape}"
+            )
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(images),):
+            raise StoreError(f"{len(images)} images but labels of shape {labels.shape}")
+        if len(labels) and labels.min() < -1:
+            raise StoreError("labels must be -1 (unlabeled) or a class index")
+        shard = Shard(uuid.uuid4().hex[:12], len(images))
+        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        _atomic_save_npy(shard.images_path(self.root), np.ascontiguousarray(images))
+        _atomic_save_npy(shard.labels_path(self.root), labels)
+        return shard
+
+    def publish(self, new_shards: Sequence[Shard], classes: Sequence[str]) -> None:
+        """Make `new_shards` part of the store in one atomic index update."""
+        if list(classes[: len(self.classes)]) != self.classes:
+            raise StoreError("class names can only be appended, never reordered")
+        self._publish(self.shards + list(new_shards), list(classes))
+        self._sweep_unpublished()
+
+    def add(self, images: np.ndarray, label_names: Sequence[str | None]) -> Shard:
+        """Append one batch: label names (None = unlabeled) are mapped to class indices."""
+        classes = list(self.classes)
+        for name in label_names:
+            if name is not None and name not in classes:
+                classes.append(name)
+        lookup = {c: i for i, c in enumerate(classes)}
+        labels = np.array([-1 if n is None else lookup[n] for n in label_names], dtype=np.int64)
+        shard = self.write_shard(images, labels)
+        self.publish([shard], classes)
+        return shard
+
+    def _publish(self, shards: list[Shard], classes: list[str]) -> None:
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "height": self.height,
+            "width": self.width,
+            "classes": classes,
+            "count": sum(s.count for s in shards),
+            "shards": [{"id": s.id, "count": s.count} for s in shards],
+        }
+        _atomic_write_json(self.root / INDEX, meta)
+        self.shards, self.classes = shards, classes
+
+    def _sweep_unpublished(self) -> None:
+        """Remove shard files a crashed writer left behind (never listed in the index)."""
+        keep = {p.name for s in self.shards for p in (s.images_path(self.root), s.labels_path(self.root))}
+        for f in (self.root / "shards").iterdir():
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------- from folders
+def scan_image_folder(root: Path) -> list[tuple[Path, str | None]]:
+    """(file, class) pairs: `<root>/<class>/*.<img>` are labeled, `<root>/*.<img>` are not."""
+    items: list[tuple[Path, str | None]] = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            items += [(f, entry.name) for f in sorted(entry.iterdir())
+                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            items.append((entry, None))
+    return items
+
+
+def load_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    """Decode to RGB uint8 (H, W, 3); if `size` differs, resize the shorter side and center-crop."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        if size is not None and im.size != (size[1], size[0]):
+            im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def store_from_folder(folder: str | os.PathLike, out: str | os.PathLike, size: int | None = None) -> ImageStore:
+    """The simple writer: an image folder -> a new store with one shard.
+
+    `size` None keeps the images' size when they all share one; otherwise every image is
+    resized (shorter side) and center-cropped to a square of the median shorter side. Robust
+    ingestion (quarantine, dedupe, manifest) is `sslflow ingest`; this is for folders you trust.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StoreError(f"{folder} is not a directory")
+    items = scan_image_folder(folder)
+    if not items:
+        raise StoreError(f"{folder} holds no images (<class>/*.jpg or *.jpg)")
+    decoded = [load_image(p, (size, size) if size else None) for p, _ in items]
+    if len({im.shape for im in decoded}) > 1:
+        side = int(np.median([min(im.shape[:2]) for im in decoded]))
+        decoded = [load_image(p, (side, side)) for p, _ in items]
+    images = np.stack(decoded)
+    hw = images.shape[1:3]
+    store = ImageStore.create(out, *hw)
+    store.add(images, [c for _, c in items])
+    return store
+
+
+def open_images(path: str | os.PathLike, cache_dir: str | os.PathLike) -> ImageStore:
+    """A store as is, or an image folder converted once into `cache_dir`."""
+    path = Path(path)
+    if ImageStore.is_store(path):
+        return ImageStore.open(path)
+    if not path.exists():
+        raise StoreError(f"{path} does not exist")
+    if not path.is_dir():
+        raise StoreError(f"{path} is neither an image store nor an image folder")
+    cached = Path(cache_dir) / f"{path.resolve().name}-store"
+    if ImageStore.is_store(cached):
+        return ImageStore.open(cached)
+    return store_from_folder(path, cached)
+
+
+# --------------------------------------------------------------------------------- reading
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch `epoch`: a pure function of (seed, epoch), so resume is exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class DeviceBatches:
+    """Shuffled uint8 (B, H, W, 3) batches on the training device.
+
+    Resident mode (the store fits in `max_resident_bytes`): the whole store is copied to the
+    device once and each batch is one gather. Streaming mode: shards are visited in a
+    permuted order and shuffled within, each copied over from pinned host memory.
+    The order of every epoch depends only on (seed, epoch); `start_batch` skips ahead on resume.
+    """
+
+    def __init__(self, store: ImageStore, batch_size: int, device: torch.device, seed: int,
+                 drop_last: bool = True, max_resident_bytes: int | None = None) -> None:
+        if len(store) == 0:
+            raise StoreError(f"{store.root} is empty")
+        if drop_last and len(store) < batch_size:
+            raise StoreError(f"{store.root} has {len(store)} images, fewer than one batch of {batch_size}")
+        self.store, self.batch_size, self.device, self.seed = store, batch_size, device, seed
+        self.drop_last = drop_last
+        budget = max_resident_bytes if max_resident_bytes is not None else _default_budget(device)
+        self.resident = store.nbytes <= budget
+        self._images: torch.Tensor | None = None
+        if self.resident:
+            self._images = torch.from_numpy(store.images()).to(device)
+
+    def __len__(self) -> int:
+        n = len(self.store)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        if self.resident:
+            assert self._images is not None
+            order = epoch_permutation(len(self.store), self.seed, epoch).to(self.device)
+            for b in range(start_batch, len(self)):
+                yield self._images[order[b * self.batch_size:(b + 1) * self.batch_size]]
+        else:
+            yield from self._stream(epoch, start_batch)
+
+    def _stream(self, epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        shard_order = torch.randperm(len(self.store.shards), generator=g).tolist()
+        pin = self.device.type == "cuda"
+        carry: torch.Tensor | None = None
+        produced = 0
+        for si in shard_order:
+            shard = self.store.shards[si]
+            perm = torch.randperm(shard.count, generator=g)
+            chunk = torch.from_numpy(np.load(shard.images_path(self.store.root)))[perm]
+            if carry is not None:
+                chunk = torch.cat([carry, chunk])
+            full = len(chunk) // self.batch_size
+            for b in range(full):
+                if produced >= start_batch:
+                    batch = chunk[b * self.batch_size:(b + 1) * self.batch_size]
+                    yield (batch.pin_memory() if pin else batch).to(self.device, non_blocking=pin)
+                produced += 1
+            carry = chunk[full * self.batch_size:]
+        if not self.drop_last and carry is not None and len(carry) and produced >= start_batch:
+            yield carry.to(self.device)
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return 8 << 30

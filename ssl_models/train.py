@@ -1,0 +1,324 @@
+"""The pretraining loop, readable top to bottom.
+
+Per step: gather a uint8 batch already on the device -> draw the method's views with
+per-image random augmentation -> loss under bf16 autocast (CUDA) -> backward -> optimizer
+and schedule step -> the method's momentum/EMA update. Nothing in a step waits for the GPU:
+the loss is accumulated on the device and read (and checked for NaN/inf) only every
+`log_every` steps, before each checkpoint and at epoch end.
+
+Checkpoints hold the method (networks, EMA copies, queues, centres), optimizer, schedule,
+position in the epoch, metric accumulators and every RNG state, so a run killed at any
+point and resumed ends with the same weights as an uninterrupted one (bitwise on CPU).
+Metrics leave through callbacks; this module logs nothing itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from ssl_models.augment import BatchAugment
+from ssl_models.backbones import build_backbone
+from ssl_models.checkpoint import (
+    atomic_save,
+    remove_stale_temporaries,
+    rng_state,
+    save_encoder,
+    set_rng_state,
+)
+from ssl_models.config import Params
+from ssl_models.evaluate import extract_features, knn_classify
+from ssl_models.methods import METHODS, SSLMethod
+from ssl_models.optim import WarmupCosine, build_optimizer
+from ssl_models.store import DeviceBatches, ImageStore
+
+CHECKPOINT = "checkpoints/last.pt"
+# Keys that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = {"device", "pretrain.compile", "pretrain.log_every", "pretrain.checkpoint_every",
+                     "pretrain.eval_every"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Callback(Protocol):
+    """Receives metrics; implement any subset (MLflow, Prefect, a JSON file...)."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class History:
+    steps: list[dict[str, float]] = field(default_factory=list)
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    method: SSLMethod
+    metrics: dict[str, float]
+    history: History
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def build_method(params: Params, device: torch.device) -> SSLMethod:
+    """Seeded construction, so the initial weights are a function of `params.seed`."""
+    cfg = params.pretrain
+    torch.manual_seed(params.seed)
+    backbone = build_backbone(cfg.backbone, cfg.width)
+    method = METHODS[cfg.method](backbone, backbone.feature_dim, cfg).to(device)
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
+    return method
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = sorted(k for k in set(saved) | set(now)
+                  if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("eval."))
+    if diff:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
+        raise ValueError(f"cannot resume: parameters differ from the checkpoint ({changes})")
+
+
+class Pretrainer:
+    """One pretraining run in `run_dir`: build, optionally resume, `fit()`."""
+
+    def __init__(self, store: ImageStore, params: Params, run_dir: Path, *, resume: bool = False,
+                 callbacks: Sequence[Callback] = (), eval_stores: tuple[ImageStore, ImageStore] | None = None,
+                 progress_bar: bool = True) -> None:
+        if store.height != store.width:
+            raise ValueError(f"pretraining needs square images; the store holds {store.height}x{store.width}")
+        self.params, self.cfg, self.run_dir = params, params.pretrain, Path(run_dir)
+        self.callbacks, self.progress_bar = list(callbacks), progress_bar
+        self.device = resolve_device(params.device)
+        self.image_size = store.height
+        self.flat_params = _flat(asdict(params))
+
+        self.method = build_method(params, self.device)
+        self.augment = BatchAugment(params.augment, self.method.views(params.augment, self.image_size),
+                                    compile=self.cfg.compile and self.device.type == "cuda")
+        self.batches = DeviceBatches(store, self.cfg.batch_size, self.device, params.seed)
+        self.steps_per_epoch = len(self.batches)
+        self.total_steps = self.cfg.epochs * self.steps_per_epoch
+        lr = self.cfg.lr * self.cfg.batch_size / 256
+        self.optimizer = build_optimizer(self.method, self.cfg.optimizer, lr, self.cfg.momentum,
+                                         self.cfg.weight_decay)
+        warmup = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(warmup, self.total_steps))
+        self.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.eval_images = self._load_eval(eval_stores)
+
+        # Position and accumulators: all of it goes into the checkpoint.
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.loss_sum = torch.zeros((), device=self.device)  # since the last log
+        self.epoch_loss_sum = torch.zeros((), device=self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.history = History()
+        self.train_seconds = 0.0
+
+        checkpoint = self.run_dir / CHECKPOINT
+        if resume and checkpoint.is_file():
+            self._restore(checkpoint)
+        elif checkpoint.is_file():
+            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it "
+                             "or choose another output directory")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "params.json").write_text(json.dumps(self.flat_params, indent=1))
+        if self.cfg.compile and self.device.type == "cuda":
+            self.method.backbone.compile()  # in place: state_dict keys stay the same
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(self.generator),
+            "position": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step},
+            "accumulators": {"loss_sum": self.loss_sum, "epoch_loss_sum": self.epoch_loss_sum},
+            "history": asdict(self.history),
+            "train_seconds": self.train_seconds,
+            "params": self.flat_params,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Refuse to overwrite the last good checkpoint with diverged weights."""
+        self._raise_if_diverged()
+        atomic_save(self._state(), self.run_dir / CHECKPOINT)
+
+    def _restore(self, path: Path) -> None:
+        remove_stale_temporaries(path.parent)
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        _check_same_run(state["params"], self.flat_params)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], self.generator)
+        pos = state["position"]
+        self.epoch, self.batch_in_epoch, self.step = pos["epoch"], pos["batch_in_epoch"], pos["step"]
+        self.loss_sum = state["accumulators"]["loss_sum"].to(self.device)
+        self.epoch_loss_sum = state["accumulators"]["epoch_loss_sum"].to(self.device)
+        self.history = History(**state["history"])
+        self.train_seconds = state["train_seconds"]
+
+    def _raise_if_diverged(self) -> None:
+        if bool(self.nonfinite):
+            raise TrainingDiverged(
+                f"loss became NaN/inf before step {self.step} (epoch {self.epoch}); "
+                f"the last good checkpoint is kept in {self.run_dir / CHECKPOINT}. "
+                "Lower pretrain.lr or check the data."
+            )
+
+    # ------------------------------------------------------------------------------ training
+    def fit(self) -> PretrainResult:
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else nullcontext())
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress_bar,
+                   desc=f"{self.cfg.method} pretrain", unit="step", dynamic_ncols=True)
+        log_t0, log_step0 = time.perf_counter(), self.step
+        while self.epoch < self.cfg.epochs:
+            self.method.train()
+            epoch_t0 = time.perf_counter()
+            for images in self.batches.epoch(self.epoch, self.batch_in_epoch):
+                progress = self.step / self.total_steps
+                with torch.no_grad():
+                    views = self.augment(images, self.generator)
+                with autocast:
+                    loss = self.method(views, progress)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.method.after_step(progress)
+
+                loss = loss.detach().float()
+                self.nonfinite |= ~torch.isfinite(loss)
+                self.loss_sum += loss
+                self.epoch_loss_sum += loss
+                self.step += 1
+                self.batch_in_epoch += 1
+                bar.update(1)
+
+                if self.step % self.cfg.log_every == 0:
+                    now = time.perf_counter()
+                    self._log_steps(self.step - log_step0, now - log_t0, bar)
+                    log_t0, log_step0 = now, self.step
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            self.train_seconds += time.perf_counter() - epoch_t0
+            self._end_epoch()
+            log_t0, log_step0 = time.perf_counter(), self.step
+        bar.close()
+        return self._finish()
+
+    def _log_steps(self, steps: int, seconds: float, bar: tqdm) -> None:
+        """The only host sync inside an epoch: every `log_every` steps."""
+        self._raise_if_diverged()
+        loss = float(self.loss_sum) / steps
+        self.loss_sum.zero_()
+        metrics = {
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": steps * self.cfg.batch_size / max(seconds, 1e-9),
+            "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+        }
+        if self.device.type == "cuda":
+            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.history.steps.append({"step": self.step, **metrics})
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+        for cb in self.callbacks:
+            cb.on_step(self.step, metrics)
+
+    def _end_epoch(self) -> None:
+        self._raise_if_diverged()
+        n = self.batch_in_epoch
+        metrics = {
+            "epoch": self.epoch + 1,
+            "loss": float(self.epoch_loss_sum) / max(n, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        done = self.epoch + 1
+        if self.eval_images is not None and self.cfg.eval_every and (
+            done % self.cfg.eval_every == 0 or done == self.cfg.epochs
+        ):
+            metrics.update(self.online_knn())
+        self.history.epochs.append(metrics)
+        self.epoch, self.batch_in_epoch = done, 0
+        self.epoch_loss_sum.zero_()
+        self.loss_sum.zero_()
+        self.save_checkpoint()
+        for cb in self.callbacks:
+            cb.on_epoch_end(done, metrics)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _load_eval(self, stores: tuple[ImageStore, ImageStore] | None) -> dict[str, torch.Tensor] | None:
+        if stores is None:
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for name, store in zip(("train", "test"), stores, strict=True):
+            labels = torch.from_numpy(store.labels())
+            keep = labels >= 0
+            if not bool(keep.any()):
+                raise ValueError(f"online kNN: {store.root} has no labeled images")
+            out[f"{name}_images"] = torch.from_numpy(store.images())[keep].to(self.device)
+            out[f"{name}_labels"] = labels[keep].to(self.device)
+        return out
+
+    def online_knn(self) -> dict[str, float]:
+        """kNN top-1/top-5 of the current encoder (frozen features, no augmentation)."""
+        assert self.eval_images is not None
+        aug, ev = self.params.augment, self.params.eval
+        encoder = self.method.encoder()
+        feats = {name: extract_features(encoder, self.eval_images[f"{name}_images"], aug.mean, aug.std,
+                                        ev.batch_size, self.device) for name in ("train", "test")}
+        return knn_classify(feats["train"], self.eval_images["train_labels"], feats["test"],
+                            self.eval_images["test_labels"], k=ev.knn_k, temperature=ev.knn_temperature)
+
+    def _finish(self) -> PretrainResult:
+        save_encoder(self.method.encoder(), self.run_dir, self.image_size,
+                     self.params.augment.mean, self.params.augment.std)
+        last = self.history.epochs[-1] if self.history.epochs else {}
+        images = self.total_steps * self.cfg.batch_size
+        metrics = {
+            "final_loss": last.get("loss", math.nan),
+            "epochs": self.cfg.epochs,
+            "steps": self.total_steps,
+            "train_seconds": self.train_seconds,
+            "images_per_s": images / max(self.train_seconds, 1e-9),
+        }
+        for key in ("knn_top1", "knn_top5"):
+            if key in last:
+                metrics[key] = last[key]
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (self.run_dir / "history.json").write_text(json.dumps(asdict(self.history), indent=1))
+        return PretrainResult(self.run_dir, self.method, metrics, self.history)

@@ -1,0 +1,55 @@
+"""`sslflow`: one command line for every pipeline step.
+
+Each subcommand lives in `sslflow/commands/<name>.py` and exposes `register(subparsers)`,
+which adds its parser and sets `func(args) -> int`. Errors a user can fix (bad params,
+missing paths, unusable data) print one line and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sslflow import __version__
+from sslflow.errors import UserError
+
+COMMAND_MODULES = ("run", "pretrain", "evaluate")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'fix your input', not 'sslflow has a bug'."""
+    from ssl_models.evaluate import EvaluationError
+    from ssl_models.store import StoreError
+
+    return (UserError, StoreError, EvaluationError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sslflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"sslflow.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ssl_models.train import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as e:
+        print(f"sslflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"sslflow {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"sslflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
