@@ -62,6 +62,7 @@ class EvalReport:
     num_train: int  # labeled images used (after dropping unlabeled ones)
     num_test: int
     dropped_unlabeled: int  # unlabeled (-1) images dropped from train and test together
+    classes: list[str] = dataclasses.field(default_factory=list)  # names of the confusion rows/columns
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict; the confusion matrix becomes nested lists (or None)."""
@@ -72,17 +73,19 @@ class EvalReport:
             "num_train": int(self.num_train),
             "num_test": int(self.num_test),
             "dropped_unlabeled": int(self.dropped_unlabeled),
+            "classes": list(self.classes),
         }
 
 
 # ------------------------------------------------------------------------------------ helpers
 def _as_device(device: torch.device | str) -> torch.device:
-    return device if isinstance(device, torch.device) else torch.device(device)
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Equal devices, where "cuda" without an index matches any CUDA index (the current one)."""
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+    """A torch.device with an explicit index for accelerators ("cuda" -> "cuda:<current>"),
+    so it compares equal to the device of a tensor or parameter that lives there."""
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    if device.index is None and device.type != "cpu":
+        index = torch.cuda.current_device() if device.type == "cuda" else 0
+        device = torch.device(device.type, index)
+    return device
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -114,9 +117,21 @@ def _images_tensor(images: Tensor | np.ndarray) -> Tensor:
     return t
 
 
-def _infer_num_classes(*label_sets: Tensor) -> int:
-    """max label + 1 over all sets (one host read; only when the caller gave no count)."""
-    return int(max(int(y.max()) for y in label_sets if y.numel())) + 1
+def _num_classes(num_classes: int | None, train_labels: Tensor, test_labels: Tensor | None = None) -> int:
+    """Validated class count: `num_classes`, or max label + 1 over both sets.
+
+    Costs one host read per protocol call (not per batch). Worth it: an out-of-range label
+    would otherwise be a silent miscount or, in `scatter_add_`/`cross_entropy` on CUDA, a
+    device-side assert that kills the process.
+    """
+    parts = [y for y in (train_labels, test_labels) if y is not None and y.numel()]
+    lo, hi = torch.stack([torch.stack([y.min(), y.max()]) for y in parts]).T.tolist()
+    lo, hi = int(min(lo)), int(max(hi))
+    c = hi + 1 if num_classes is None else int(num_classes)
+    if lo < 0 or hi >= c:
+        raise EvaluationError(f"labels must be class indices in [0, {c}); got values in [{lo}, {hi}] "
+                              "(drop unlabeled -1 rows first)")
+    return c
 
 
 def _topk_hits(scores: Tensor, labels: Tensor) -> Tensor:
@@ -154,7 +169,7 @@ def extract_features(encoder: nn.Module, images: Tensor | np.ndarray, mean: Sequ
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     param = next(encoder.parameters(), None)
-    if param is not None and not _same_device(param.device, device):
+    if param is not None and param.device != device:
         raise EvaluationError(f"the encoder is on {param.device}, but features are extracted on {device}")
 
     cuda = device.type == "cuda"
@@ -194,8 +209,10 @@ def _knn_vote_chunks(train_feats: Tensor, train_labels: Tensor, test_feats: Tens
     chunk = chunk_size or max(1, KNN_CHUNK_ELEMENTS // max(len(train), 1))
     for start in range(0, len(test), chunk):
         sim = test[start:start + chunk] @ train.T  # (c, N) cosine similarities
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
+        top_sim, top_idx = sim.topk(k, dim=1)  # sorted: column 0 is the nearest neighbour
+        # exp((s - s_max) / T), i.e. exp(s / T) rescaled per test point: the same ranking of
+        # classes, but no overflow to inf for small T (exp(1 / 0.01) > float32 max).
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
         votes = torch.zeros(len(top_sim), num_classes, device=train.device, dtype=torch.float32)
         votes.scatter_add_(1, labels[top_idx], weights)
         yield start, votes
@@ -220,11 +237,13 @@ def knn_votes(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: 
               chunk_size: int | None = None) -> Tensor:
     """Per-class weighted votes (M, C) of every test point; `knn_classify` without the scoring.
 
+    Row i is sum over the k nearest neighbours j of exp((s_ij - max_j s_ij) / T): the classic
+    exp(s / T) votes times a per-row constant, so the nearest neighbour weighs exactly 1.
     Exposed for inspection (per-image predictions, tests); holds the whole (M, C) matrix.
     """
     train_labels = _labels_tensor(train_labels, train_feats.device)
     _check_knn_inputs(train_feats, train_labels, test_feats, k, temperature)
-    c = num_classes if num_classes is not None else _infer_num_classes(train_labels)
+    c = _num_classes(num_classes, train_labels)
     parts = [v for _, v in _knn_vote_chunks(train_feats, train_labels, test_feats, k, temperature, c,
                                             chunk_size)]
     return torch.cat(parts)
@@ -237,7 +256,8 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
 
     Features are L2-normalised, so similarity is cosine. Each test point takes its k most
     similar train points; neighbour j votes exp(s_j / T) for its class; the prediction is the
-    class with the largest summed vote. The exponential weighting lets a few very close
+    class with the largest summed vote (computed as exp((s_j - s_max) / T), which ranks the
+    classes identically and cannot overflow). The exponential weighting lets a few very close
     neighbours outvote many distant ones, which is what makes k=200 work on CIFAR/ImageNet.
 
     `k` larger than the train set is clamped to its size (every train point votes) rather
@@ -253,7 +273,7 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     _check_knn_inputs(train_feats, train_labels, test_feats, k, temperature)
     if len(test_labels) != len(test_feats):
         raise EvaluationError(f"{len(test_feats)} test features but {len(test_labels)} labels")
-    c = num_classes if num_classes is not None else _infer_num_classes(train_labels, test_labels)
+    c = _num_classes(num_classes, train_labels, test_labels)
     hits = torch.zeros(2, dtype=torch.long, device=device)
     for start, votes in _knn_vote_chunks(train_feats, train_labels, test_feats, k, temperature, c,
                                          chunk_size):
@@ -277,7 +297,7 @@ def _linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
     if len(y_train) != n or len(y_test) != len(x_test) or x_test.shape[1] != d:
         raise EvaluationError(f"linear probe: features/labels disagree: train {tuple(x_train.shape)} with "
                               f"{len(y_train)} labels, test {tuple(x_test.shape)} with {len(y_test)} labels")
-    c = num_classes if num_classes is not None else _infer_num_classes(y_train, y_test)
+    c = _num_classes(num_classes, y_train, y_test)
 
     # Standardise with train statistics: SGD on raw SSL features (scales differ by method and
     # by orders of magnitude between dimensions) would need a per-encoder learning rate.
@@ -360,7 +380,7 @@ def finetune(encoder: nn.Module, train_images: Tensor | np.ndarray, train_labels
 
     The passed encoder is deep-copied and never modified. Head lr = `cfg.finetune_lr`,
     backbone lr = `cfg.finetune_lr * cfg.finetune_backbone_lr_scale` (a smaller backbone rate
-    keeps the pretrained features from being wiped out while the head is still random-ish),
+    keeps the pretrained features from being wiped out while the head is still untrained),
     both scaled by batch / 256 and decayed by a per-step cosine to 0; SGD momentum 0.9; weight
     decay `cfg.finetune_weight_decay` on conv/linear weights only (not on biases or BatchNorm,
     the usual convention); zero-initialised head. BatchNorm runs in train mode (batch
@@ -387,6 +407,7 @@ def finetune(encoder: nn.Module, train_images: Tensor | np.ndarray, train_labels
                               f"{len(x_test)} test images with {len(y_test)} labels")
     if h != w:
         raise EvaluationError(f"fine-tune needs square images (the crop's output is square), got {h}x{w}")
+    _num_classes(num_classes, y_train, y_test)
     cuda = device.type == "cuda"
 
     model = copy.deepcopy(encoder).to(device)
@@ -526,7 +547,7 @@ def evaluate(encoder: nn.Module, train: ImageStore, test: ImageStore, protocols:
     confusion: Tensor | None = None
     if "knn" in requested or "linear" in requested:
         param = next(encoder.parameters(), None)
-        if param is not None and not _same_device(param.device, device):
+        if param is not None and param.device != device:
             encoder = copy.deepcopy(encoder).to(device)  # a copy: the caller's model stays where it is
         f_train = extract_features(encoder, x_train, aug.mean, aug.std, cfg.batch_size, device)
         f_test = extract_features(encoder, x_test, aug.mean, aug.std, cfg.batch_size, device)
@@ -550,4 +571,5 @@ def evaluate(encoder: nn.Module, train: ImageStore, test: ImageStore, protocols:
         num_train=len(y_train),
         num_test=len(y_test),
         dropped_unlabeled=dropped_train + dropped_test,
+        classes=list(train.classes),
     )

@@ -29,11 +29,21 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import (  # noqa: F401 - the plugins register the FORMATS with Image.open
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    ImageOps,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 
 # Pillow plugins we trust for untrusted input (never EPS/PSD/ICO and friends that happen to
-# sit behind an image extension). MPO is the multi-picture JPEG phones write.
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# sit behind an image extension). JPEG also opens MPO, the multi-picture JPEG phones write.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 ORIENTATION_TAG = 0x0112
 WHITE = (255, 255, 255, 255)
 
@@ -162,7 +172,8 @@ def decode_image(im: Image.Image, rel: str, label: str | None, opts: DecodeOptio
                  known: Collection[str], fmt: str = "raw") -> Outcome:
     """An already decoded image (demo, torchvision): hashed over mode, size and pixels."""
     raw = im.tobytes()
-    sha = hashlib.sha256(f"{im.mode}:{im.width}x{im.height}:".encode() + raw).hexdigest()
+    palette = bytes(im.getpalette() or []) if im.mode in ("P", "PA") else b""
+    sha = hashlib.sha256(f"{im.mode}:{im.width}x{im.height}:".encode() + raw + palette).hexdigest()
     if sha in known:
         return Duplicate(rel, label, sha)
     try:

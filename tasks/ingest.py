@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,14 +40,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ssl_models.store import ImageStore, Shard, StoreError
 from sslflow.errors import UserError
 from sslflow.params import PARAMS_DIR, build, merge, parse_set, read_yaml
-from ssl_models.store import ImageStore, Shard, StoreError
 from tasks import manifest
 from tasks.decode import Accepted, DecodeOptions, Duplicate, Outcome, Rejected
 from tasks.sources import Source, open_source
 from tasks.validate import ValidateConfig, ValidationFailed, validate
-from tasks.versioning import Tracker, VersionInfo, VersioningConfig, version_store
+from tasks.versioning import Tracker, VersionInfo, VersioningConfig, dir_hash, version_store
 
 PARAMS_FILE = "ingest.yaml"
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -86,6 +86,9 @@ def load_params(params_file: str | Path | None = None, overrides: Iterable[str] 
         overlay = read_yaml(Path(params_file))
         raw = merge(raw, {k: v for k, v in overlay.items() if k in raw}, str(params_file))
     raw = merge(raw, parse_set(overrides), "--set")
+    versioning = raw.get("versioning")
+    if isinstance(versioning, dict) and isinstance(versioning.get("dvc"), bool):  # YAML reads off/on as bools
+        raw["versioning"] = {**versioning, "dvc": "on" if versioning["dvc"] else "off"}
     params: IngestParams = build(IngestParams, raw, prefix="")
     _check(params)
     return params
@@ -240,17 +243,16 @@ def ingest(source: str, store_root: str | Path, split: str = "train", size: int 
     batch_id = started.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
     clock = _Clock()
     root_existed = store_root.exists()
+    src = open_source(source, split, torchvision_root=Path(cfg.torchvision_root), demo_seed=cfg.demo_seed,
+                      demo_per_class={"train": cfg.demo_train_per_class, "test": cfg.demo_test_per_class})
     with store_lock(store_root):
         tracker = Tracker.for_store(store_root, vcfg)
-        store_root.mkdir(parents=True, exist_ok=True)
-        previous = _previous_version(tracker)
+        previous = _previous_version(tracker, store_root)
         split_dir = store_root / split
         store, existed = _open_split(split_dir, size or cfg.size, explicit_size=size is not None)
         opts = DecodeOptions(store.height, cfg.min_side, cfg.max_pixels, cfg.max_file_bytes)
         old_rows = manifest.read(split_dir, store) if existed else manifest.empty()
         known = manifest.known_hashes(store_root)
-        src = open_source(source, split, torchvision_root=Path(cfg.torchvision_root), demo_seed=cfg.demo_seed,
-                          demo_per_class={"train": cfg.demo_train_per_class, "test": cfg.demo_test_per_class})
         declared = list(cfg.classes or src.classes)
         builder = BatchBuilder(store, list(store.classes) + [c for c in declared if c not in store.classes],
                                cfg.shard_images)
@@ -281,15 +283,18 @@ def ingest(source: str, store_root: str | Path, split: str = "train", size: int 
             _write_reports(summary, reports_dir, clock)
             raise ValidationFailed(result, prefix=f"batch {batch_id} of {source} was not added: ")
         if builder.records:
+            summary.new_classes = builder.classes[len(store.classes):]
             manifest.write(split_dir, combined)
             store.publish(builder.shards, builder.classes)
             clock.lap("publish")
         summary.status = "published" if builder.records else "unchanged"
-        summary.new_classes = [c for c in store.classes if c not in set(old_rows["label"].dropna())] \
-            if builder.records else []
         summary.total_in_store = len(store)
         summary.store_counts = _store_counts(store_root)
-        info: VersionInfo = version_store(store_root, tracker, vcfg.push)
+        store_root.mkdir(parents=True, exist_ok=True)
+        try:
+            info: VersionInfo = version_store(store_root, tracker, vcfg.push if push is None else push)
+        except UserError as e:  # the batch is in; only its version record lags
+            info = VersionInfo(dir_hash(store_root), "sslflow", error=str(e))
         clock.lap("version")
         summary.data_version, summary.versioning = info.data_version, info.to_dict()
     _write_reports(summary, reports_dir, clock)
@@ -339,10 +344,10 @@ def _store_counts(store_root: Path) -> dict[str, int]:
     return {p.name: len(ImageStore.open(p)) for p in manifest.split_stores(store_root)}
 
 
-def _previous_version(tracker: Tracker | None) -> str | None:
-    if tracker is not None and tracker.dvc_file.is_file():
+def _previous_version(tracker: Tracker | None, store_root: Path) -> str | None:
+    if tracker is not None:
         return tracker.recorded_version()
-    return None
+    return dir_hash(store_root) if store_root.is_dir() else None
 
 
 def _undo(builder: BatchBuilder, split_dir: Path, existed: bool, store_root: Path, root_existed: bool) -> None:
@@ -350,22 +355,14 @@ def _undo(builder: BatchBuilder, split_dir: Path, existed: bool, store_root: Pat
     if not existed and split_dir.is_dir():
         shutil.rmtree(split_dir, ignore_errors=True)
     if not root_existed:
-        with _ignore_oserror():
+        with suppress(OSError):
             store_root.rmdir()  # only if still empty
-
-
-@contextmanager
-def _ignore_oserror() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass
 
 
 def _progress(outcomes: Iterator[Outcome], log: Callable[[str], None], every_s: float = 10.0) -> Iterator[Outcome]:
     """Pass outcomes through, logging a count every `every_s` seconds for long runs."""
     last, n = time.monotonic(), 0
-    for n, o in enumerate(outcomes, 1):  # noqa: B007 - n is read after the loop
+    for n, o in enumerate(outcomes, 1):
         yield o
         if time.monotonic() - last > every_s:
             last = time.monotonic()

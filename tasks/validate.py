@@ -148,7 +148,7 @@ def _run(suites: list[Suite], split: str, reports_dir: Path) -> ValidationResult
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    docs_dir = reports_dir / "data_docs"
+    docs_dir = (reports_dir / "data_docs").resolve()
     ctx = gx.get_context(mode="ephemeral")  # fresh per call: no state leaks between runs
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     ctx.add_data_docs_site(site_name=SITE, site_config={
@@ -169,7 +169,7 @@ def _run(suites: list[Suite], split: str, reports_dir: Path) -> ValidationResult
         results[s.name] = result.to_json_dict()
         failures += [_failure(s.name, r) for r in result.results if not r.success]
     docs = ctx.build_data_docs(site_names=[SITE])
-    docs_index = docs_dir / "index.html" if SITE in docs else None
+    docs_index = reports_dir / "data_docs" / "index.html" if SITE in docs else None
     report = reports_dir / "validation" / f"{split}.json"
     out = ValidationResult(not failures, failures, report, docs_index)
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,35 @@ def _failure(suite: str, r: Any) -> Failure:
     rows = []
     for item in res.get("unexpected_index_list") or []:
         if isinstance(item, dict):
-            key = item.get("path", item.get("label"))
-            rest = [f"{k}={v}" for k, v in item.items() if k not in ("path", "label") and v is not None]
-            rows.append(f"{key} [{', '.join(rest)}]" if rest else str(key))
+            name = "path" if "path" in item else "label"
+            rest = [f"{k}={_short(v)}" for k, v in item.items() if k != name and not _missing(v)]
+            rows.append(f"{item.get(name)} [{', '.join(rest)}]" if rest else str(item.get(name)))
     return Failure(suite, cfg.type, column, observed, rows)
+
+
+def validate_split(split_dir: Path, *, limits: DecodeOptions, cfg: ValidateConfig,
+                   classes: Sequence[str] | None, reports_dir: Path) -> ValidationResult:
+    """Re-check a published split (no new batch): the gate a pipeline runs before training."""
+    from ssl_models.store import ImageStore
+    from tasks import manifest
+
+    store = ImageStore.open(split_dir)
+    rows = manifest.read(split_dir, store)
+    if len(rows) != len(store):
+        raise UserError(f"{split_dir}: the manifest describes {len(rows)} of {len(store)} images "
+                        "(written without `sslflow ingest`?)")
+    limits = DecodeOptions(store.height, limits.min_side, limits.max_pixels, limits.max_file_bytes)
+    return validate(manifest=rows, split=Path(split_dir).name, limits=limits, cfg=cfg,
+                    classes=classes, reports_dir=reports_dir)
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists and other non-scalars
+        return False
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 16 else text[:12] + "..."

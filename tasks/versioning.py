@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -50,7 +51,8 @@ class VersionInfo:
     dvc_file: str | None = None
     remote: str | None = None
     pushed: bool = False
-    error: str | None = None  # why tracking or pushing did not happen
+    error: str | None = None  # why pushing failed (the data is in, the remote lags)
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -76,10 +78,17 @@ def dir_hash(root: Path) -> str:
 
 
 @contextlib.contextmanager
-def _dvc_output_to_stderr() -> Iterator[None]:
-    """DVC prints hints ('To track the changes with git...') on stdout; ours is the JSON."""
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
+def _quiet_dvc() -> Iterator[None]:
+    """DVC logs hints ('To track the changes with git...') to stdout at import-time handlers;
+    our stdout is the JSON summary. Keep DVC's warnings (they go to stderr), drop its info."""
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        dvc_logger.setLevel(level)
 
 
 def find_repo_root(path: Path) -> Path | None:
@@ -98,6 +107,7 @@ class Tracker:
     def __init__(self, repo_root: Path, store_root: Path, cfg: VersioningConfig) -> None:
         self.repo_root, self.store_root, self.cfg = repo_root, store_root.resolve(), cfg
         self.dvc_file = self.store_root.with_name(self.store_root.name + ".dvc")
+        self.pipeline_stage: str | None = None  # set when a dvc.yaml stage outputs the store
 
     @classmethod
     def for_store(cls, store_root: Path, cfg: VersioningConfig) -> Tracker | None:
@@ -106,8 +116,8 @@ class Tracker:
             raise UserError(f"versioning.dvc must be auto, on or off; got {cfg.dvc!r}")
         if cfg.dvc == "off":
             return None
-        store_root.mkdir(parents=True, exist_ok=True)
-        root = find_repo_root(store_root)
+        existing = next(p for p in (store_root.absolute(), *store_root.absolute().parents) if p.exists())
+        root = find_repo_root(existing)
         if root is None:
             if cfg.dvc == "on":
                 raise UserError(f"{store_root} is not inside a DVC repo (run `dvc init`, or --no-dvc)")
@@ -118,14 +128,25 @@ class Tracker:
 
     def preflight(self) -> None:
         """Fail before anything is written when `dvc add` could not record the version."""
+        from dvc.exceptions import DvcException
         from dvc.repo import Repo
 
-        with Repo(str(self.repo_root)) as repo:
-            if repo.scm.is_ignored(str(self.dvc_file)):
-                rel = self.dvc_file.relative_to(self.repo_root)
-                raise UserError(f"{rel} is git-ignored, so DVC cannot track the store: un-ignore it "
-                                f"(e.g. replace '/{rel.parts[0]}/' by '/{rel.parts[0]}/*' and "
-                                f"'!/{rel.parts[0]}/*.dvc' in .gitignore), or use --no-dvc")
+        try:
+            with Repo(str(self.repo_root)) as repo:
+                self._check(repo)
+        except DvcException as e:
+            raise UserError(f"DVC repo {self.repo_root}: {e}".replace("\n", " ")) from None
+
+    def _check(self, repo: Any) -> None:
+        for out in repo.index.outs:
+            if Path(out.fs_path) == self.store_root and not out.stage.is_data_source:
+                self.pipeline_stage = out.stage.addressing
+                return
+        if repo.scm.is_ignored(str(self.dvc_file)):
+            rel = self.dvc_file.relative_to(self.repo_root)
+            raise UserError(f"{rel} is git-ignored, so DVC cannot track the store: un-ignore it "
+                            f"(e.g. replace '/{rel.parts[0]}/' by '/{rel.parts[0]}/*' and "
+                            f"'!/{rel.parts[0]}/*.dvc' in .gitignore), or use --no-dvc")
 
     def track(self) -> str:
         """`dvc add` the store root; the new data_version."""
@@ -133,13 +154,15 @@ class Tracker:
         from dvc.repo import Repo
 
         try:
-            with _dvc_output_to_stderr(), Repo(str(self.repo_root)) as repo:
+            with _quiet_dvc(), Repo(str(self.repo_root)) as repo:
                 repo.add(str(self.store_root))
         except DvcException as e:
             raise UserError(f"dvc add {self.store_root} failed: {e}".replace("\n", " ")) from None
-        return self.recorded_version()
+        return self.recorded_version() or dir_hash(self.store_root)
 
-    def recorded_version(self) -> str:
+    def recorded_version(self) -> str | None:
+        if self.pipeline_stage or not self.dvc_file.is_file():
+            return None
         meta = yaml.safe_load(self.dvc_file.read_text())
         return str(meta["outs"][0]["md5"])
 
@@ -147,7 +170,7 @@ class Tracker:
         """`dvc push` of the store; the remote's name. Configures the local remote if none."""
         from dvc.repo import Repo
 
-        with _dvc_output_to_stderr(), Repo(str(self.repo_root)) as repo:
+        with _quiet_dvc(), Repo(str(self.repo_root)) as repo:
             remote = repo.config["core"].get("remote")
             if not remote:
                 remote = self._add_local_remote(repo)
@@ -168,6 +191,9 @@ def version_store(store_root: Path, tracker: Tracker | None, push: bool) -> Vers
     """Record the store's version; a failed push is reported, never fatal to the data."""
     if tracker is None:
         return VersionInfo(dir_hash(store_root), "sslflow")
+    if tracker.pipeline_stage:  # `dvc repro` records (and `dvc push` uploads) the stage's outputs
+        return VersionInfo(dir_hash(store_root), "sslflow",
+                           note=f"output of dvc.yaml stage {tracker.pipeline_stage!r}: `dvc repro` records it")
     info = VersionInfo(tracker.track(), "dvc", dvc_file=str(tracker.dvc_file))
     if push:
         from dvc.exceptions import DvcException

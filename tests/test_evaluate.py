@@ -42,16 +42,21 @@ DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 # ------------------------------------------------------------------------------------ helpers
 def reference_votes(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, k: int, t: float,
                     c: int) -> torch.Tensor:
-    """Brute force, one test point at a time, in float64."""
+    """Brute force, one test point at a time, in float64.
+
+    Votes exp(s / T), each row divided by exp(s_max / T) (the implementation's overflow-safe
+    scaling: it does not change the ranking of the classes).
+    """
     train = torch.nn.functional.normalize(train.double(), dim=1)
     test = torch.nn.functional.normalize(test.double(), dim=1)
     k = min(k, len(train))
     out = torch.zeros(len(test), c, dtype=torch.float64)
     for i, x in enumerate(test):
         sims = train @ x
-        order = torch.argsort(sims, descending=True)[:k]
-        for j in order.tolist():
+        order = torch.argsort(sims, descending=True)[:k].tolist()
+        for j in order:
             out[i, labels[j]] += math.exp(sims[j].item() / t)
+        out[i] /= math.exp(sims[order[0]].item() / t)
     return out
 
 
@@ -151,12 +156,24 @@ def test_knn_top5_is_trivial_with_few_classes() -> None:
     assert res["knn_top5"] == 100.0
 
 
+def test_knn_small_temperature_does_not_overflow() -> None:
+    train, y_train = clusters(20, 10, 16, 0.5, seed=0)
+    test, y_test = clusters(5, 10, 16, 0.5, seed=1)
+    votes = knn_votes(train, y_train, test, k=20, temperature=0.001)
+    assert torch.isfinite(votes).all()
+    assert knn_classify(train, y_train, test, y_test, k=20, temperature=0.001)["knn_top1"] == 100.0
+
+
 def test_knn_rejects_bad_inputs() -> None:
     x = torch.randn(4, 3)
     with pytest.raises(EvaluationError, match="dimension"):
         knn_classify(x, torch.zeros(4), torch.randn(4, 5), torch.zeros(4))
     with pytest.raises(EvaluationError, match="k >= 1"):
         knn_classify(x, torch.zeros(4), x, torch.zeros(4), k=0)
+    with pytest.raises(EvaluationError, match=r"class indices in \[0, 2\).*\[-1, 1\]"):
+        knn_classify(x, torch.tensor([0, 1, -1, 0]), x, torch.zeros(4), num_classes=2)
+    with pytest.raises(EvaluationError, match=r"class indices in \[0, 2\)"):
+        linear_probe(x, torch.tensor([0, 1, 1, 0]), x, torch.tensor([0, 1, 2, 0]), CFG, seed=0, num_classes=2)
 
 
 # ------------------------------------------------------------------------------------ linear
@@ -242,6 +259,7 @@ def test_evaluate_report_has_requested_keys(stores) -> None:
     assert "k=20" in rep.protocols["knn"]
     assert rep.num_train == 48 and rep.num_test == 20 and rep.dropped_unlabeled == 3
     assert rep.confusion is not None and rep.confusion.shape == (4, 4)
+    assert js["classes"] == ["red", "green", "blue", "checker"]  # train's order: confusion axes
     assert int(rep.confusion.sum()) == 20
     # solid colours are trivially separable even with random features: the name mapping is right
     assert rep.metrics["knn_top1"] > 80.0 and rep.metrics["linear_top1"] > 80.0

@@ -29,15 +29,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.ingest_demo import ingest_demo
-
     from tasks.evaluate import evaluate
+    from tasks.ingest import ingest
+    from tasks.ingest import load_params as load_ingest_params
     from tasks.pretrain import pretrain
 
     work = Path(args.workdir)
     params = load_params(_params_files(args), args.overrides)
     store = work / "data" / "store"
-    ingest_demo(store)
+    data_params = load_ingest_params()
+    for split in ("train", "test"):
+        source = args.source if args.source == "demo" else str(Path(args.source) / split)
+        summary = ingest(source, store, split, params=data_params, reports_dir=work / "reports")
+        print(f"ingest {split}: {summary.accepted} new images, {summary.total_in_store} in the store")
     run_dir = work / "runs" / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     t0 = time.perf_counter()
     result = pretrain(store / "train", run_dir, params, eval_train=store / "train", eval_test=store / "test",
