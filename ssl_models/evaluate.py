@@ -65,16 +65,21 @@ class EvalReport:
     classes: list[str] = dataclasses.field(default_factory=list)  # names of the confusion rows/columns
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict; the confusion matrix becomes nested lists (or None)."""
+        """JSON-ready dict: the metric keys at the top level (what `dvc metrics` and MLflow
+        read), then how they were measured. The confusion matrix is `confusion_json()`."""
         return {
-            "metrics": {k: float(v) for k, v in self.metrics.items()},
+            **{k: float(v) for k, v in self.metrics.items()},
             "protocols": dict(self.protocols),
-            "confusion": None if self.confusion is None else self.confusion.cpu().tolist(),
             "num_train": int(self.num_train),
             "num_test": int(self.num_test),
             "dropped_unlabeled": int(self.dropped_unlabeled),
-            "classes": list(self.classes),
         }
+
+    def confusion_json(self) -> dict[str, Any] | None:
+        """The linear-probe confusion matrix with its class names (None if linear did not run)."""
+        if self.confusion is None:
+            return None
+        return {"classes": list(self.classes), "matrix": self.confusion.cpu().tolist()}
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -205,6 +205,11 @@ class Pretrainer:
                     else nullcontext())
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress_bar,
                    desc=f"{self.cfg.method} pretrain", unit="step", dynamic_ncols=True)
+        if self.step == 0 and self.eval_images is not None and self.cfg.eval_every:
+            # epoch 0 of the kNN curve: what the randomly initialised encoder already gets
+            self.history.epochs.append({"epoch": 0, **self.online_knn()})
+            for cb in self.callbacks:
+                cb.on_epoch_end(0, self.history.epochs[0])
         log_t0, log_step0 = time.perf_counter(), self.step
         while self.epoch < self.cfg.epochs:
             self.method.train()
@@ -319,6 +324,8 @@ class Pretrainer:
         for key in ("knn_top1", "knn_top5"):
             if key in last:
                 metrics[key] = last[key]
+        if self.history.epochs and self.history.epochs[0]["epoch"] == 0:
+            metrics["knn_top1_at_init"] = self.history.epochs[0]["knn_top1"]
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (self.run_dir / "history.json").write_text(json.dumps(asdict(self.history), indent=1))
         return PretrainResult(self.run_dir, self.method, metrics, self.history)

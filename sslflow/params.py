@@ -22,6 +22,8 @@ from sslflow.errors import UserError
 
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 BASE_FILES = ("pretrain.yaml", "evaluate.yaml")
+# Sections read by other loaders (tasks/ingest.py): one params file may hold them all.
+DATA_SECTIONS = frozenset({"ingest", "validate", "versioning"})
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def load_params(params_files: str | Path | Sequence[str | Path] | None = None, o
     for file in params_files or ():
         raw = merge(raw, read_yaml(Path(file)), str(file))
     raw = merge(raw, parse_set(overrides), "--set")
-    params = build(Params, raw, prefix="")
+    params = build(Params, {k: v for k, v in raw.items() if k not in DATA_SECTIONS}, prefix="")
     check_semantics(params)
     return params
 
@@ -126,6 +128,11 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -182,6 +189,14 @@ def check_semantics(p: Params) -> None:
     if pt.method == "moco" and pt.queue_size < 2 * pt.batch_size:
         raise UserError(f"pretrain.queue_size ({pt.queue_size}) must be at least 2 x pretrain.batch_size "
                         f"({2 * pt.batch_size}) for MoCo: every step enqueues the keys of both views")
+
+
+def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(engine overrides, data-layer overrides) of a mixed `--set` list."""
+    engine, data = [], []
+    for item in overrides:
+        (data if item.split(".", 1)[0].strip() in DATA_SECTIONS else engine).append(item)
+    return engine, data
 
 
 def to_dict(params: Params) -> dict[str, Any]:

@@ -22,7 +22,8 @@ def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, param
 
     Images are normalised with the statistics the encoder was trained with (saved beside
     its weights), whatever `augment.mean/std` say now. Writes the report as JSON to `output`
-    (default `encoder_dir/evaluation.json`): flat `<protocol>_top1/_top5` keys first.
+    (default `encoder_dir/evaluation.json`, flat `<protocol>_top1/_top5` keys first) and the
+    linear-probe confusion matrix beside it (`evaluation-confusion.json`).
     """
     encoder_dir = Path(encoder_dir)
     if not (encoder_dir / "encoder.pt").is_file() and not encoder_dir.is_file():
@@ -41,4 +42,7 @@ def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, param
     out = Path(output) if output else (encoder_dir if encoder_dir.is_dir() else encoder_dir.parent) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report.to_json(), indent=1))
+    confusion = report.confusion_json()
+    if confusion is not None:
+        out.with_name(f"{out.stem}-confusion.json").write_text(json.dumps(confusion))
     return report

@@ -254,20 +254,22 @@ def test_evaluate_report_has_requested_keys(stores) -> None:
     rep = evaluate(tiny_encoder(), train, test, ["knn", "linear"], CFG, AUG, CPU, seed=0)
     js = rep.to_json()
     json.dumps(js)
-    assert set(js["metrics"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    metric_keys = {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    assert set(js) == metric_keys | {"protocols", "num_train", "num_test", "dropped_unlabeled"}
     assert set(js["protocols"]) == {"knn", "linear"}
     assert "k=20" in rep.protocols["knn"]
     assert rep.num_train == 48 and rep.num_test == 20 and rep.dropped_unlabeled == 3
     assert rep.confusion is not None and rep.confusion.shape == (4, 4)
-    assert js["classes"] == ["red", "green", "blue", "checker"]  # train's order: confusion axes
+    confusion = rep.confusion_json()
+    assert confusion["classes"] == ["red", "green", "blue", "checker"]  # train's order: confusion axes
+    assert confusion["matrix"] == rep.confusion.tolist()
     assert int(rep.confusion.sum()) == 20
     # solid colours are trivially separable even with random features: the name mapping is right
     assert rep.metrics["knn_top1"] > 80.0 and rep.metrics["linear_top1"] > 80.0
 
-    only_knn = evaluate(tiny_encoder(), train, test, ["knn"], CFG, AUG, CPU, seed=0).to_json()
-    assert set(only_knn["metrics"]) == {"knn_top1", "knn_top5"}
-    assert only_knn["confusion"] is None
-    assert only_knn["metrics"] == {k: js["metrics"][k] for k in ("knn_top1", "knn_top5")}
+    only_knn = evaluate(tiny_encoder(), train, test, ["knn"], CFG, AUG, CPU, seed=0)
+    assert set(only_knn.metrics) == {"knn_top1", "knn_top5"} and only_knn.confusion_json() is None
+    assert only_knn.metrics == {k: js[k] for k in ("knn_top1", "knn_top5")}
 
 
 def test_evaluate_errors(tmp_path) -> None:

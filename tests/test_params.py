@@ -26,6 +26,7 @@ def test_set_overrides_use_dvc_style_dotted_keys():
 
 def test_int_given_for_float_is_accepted_but_float_for_int_is_not():
     assert load_params(overrides=["pretrain.lr=1"]).pretrain.lr == 1.0
+    assert load_params(overrides=["pretrain.weight_decay=1e-5"]).pretrain.weight_decay == 1e-5  # YAML 1.1 string
     with pytest.raises(UserError, match=r"pretrain.epochs must be int, got 1.5"):
         load_params(overrides=["pretrain.epochs=1.5"])
 

