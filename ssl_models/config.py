@@ -7,7 +7,10 @@ an error instead of a silently ignored key. ``sslflow.params`` does the loading/
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,25 @@ class Params:
     augment: AugmentConfig
     pretrain: PretrainConfig
     eval: EvalConfig
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    """A params dataclass as a plain nested dict (tuples become lists), for JSON/YAML/MLflow."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(params))
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"pretrain": {"lr": 0.3}}` -> `{"pretrain.lr": 0.3}` (the dotted keys of `--set`)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -35,7 +35,7 @@ from ssl_models.checkpoint import (
     save_encoder,
     set_rng_state,
 )
-from ssl_models.config import Params
+from ssl_models.config import Params, as_dict, flatten
 from ssl_models.evaluate import extract_features, knn_classify
 from ssl_models.methods import METHODS, SSLMethod
 from ssl_models.optim import WarmupCosine, build_optimizer
@@ -92,16 +92,6 @@ def build_method(params: Params, device: torch.device) -> SSLMethod:
     return method
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
     diff = sorted(k for k in set(saved) | set(now)
                   if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("eval."))
@@ -122,7 +112,7 @@ class Pretrainer:
         self.callbacks, self.progress_bar = list(callbacks), progress_bar
         self.device = resolve_device(params.device)
         self.image_size = store.height
-        self.flat_params = _flat(asdict(params))
+        self.flat_params = flatten(as_dict(params))
 
         self.method = build_method(params, self.device)
         self.augment = BatchAugment(params.augment, self.method.views(params.augment, self.image_size),
@@ -169,6 +159,7 @@ class Pretrainer:
             "history": asdict(self.history),
             "train_seconds": self.train_seconds,
             "params": self.flat_params,
+            "device_type": self.device.type,
         }
 
     def save_checkpoint(self) -> None:
@@ -178,8 +169,12 @@ class Pretrainer:
 
     def _restore(self, path: Path) -> None:
         remove_stale_temporaries(path.parent)
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict copies weights to the device
+        state = torch.load(path, map_location="cpu", weights_only=False)
         _check_same_run(state["params"], self.flat_params)
+        if state["device_type"] != self.device.type:  # the augmentation RNG streams differ
+            raise ValueError(f"cannot resume: the run was trained on {state['device_type']}, "
+                             f"this device is {self.device.type}")
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -197,25 +197,3 @@ def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
     for item in overrides:
         (data if item.split(".", 1)[0].strip() in DATA_SECTIONS else engine).append(item)
     return engine, data
-
-
-def to_dict(params: Params) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML/JSON dumps and MLflow."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(params))
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"pretrain": {"lr": 0.3}}` -> `{"pretrain.lr": 0.3}`."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ssl_models.config import as_dict, flatten
 from sslflow.errors import UserError
-from sslflow.params import PARAMS_DIR, flatten, load_params, parse_set, to_dict
+from sslflow.params import PARAMS_DIR, load_params, parse_set
 
 
 def test_defaults_load_and_every_profile_is_valid():
@@ -75,5 +76,5 @@ def test_missing_key_in_base_files_is_an_error(tmp_path):
 
 def test_parse_set_nests_and_flatten_round_trips():
     assert parse_set(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
-    flat = flatten(to_dict(load_params()))
+    flat = flatten(as_dict(load_params()))
     assert flat["pretrain.lr"] == 0.4 and flat["augment.crop_scale"] == [0.08, 1.0]

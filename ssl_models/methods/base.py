@@ -32,6 +32,12 @@ class ViewSpec:
     solarize_prob: float = 0.0
 
 
+def symmetric_views(aug: AugmentConfig, image_size: int, blur_prob: float = 0.0) -> list[ViewSpec]:
+    """Two identically distributed global views (SimCLR, MoCo)."""
+    view = ViewSpec(size=image_size, scale=aug.crop_scale, blur_prob=blur_prob)
+    return [view, view]
+
+
 class SSLMethod(nn.Module, ABC):
     """Base class: a backbone plus whatever the method adds around it."""
 

@@ -12,7 +12,7 @@ from ssl_models.config import AugmentConfig, PretrainConfig
 from ssl_models.heads import ProjectionMLP, ema_update_, momentum_copy
 from ssl_models.losses import info_nce_loss
 from ssl_models.methods import register_method
-from ssl_models.methods.base import SSLMethod, ViewSpec
+from ssl_models.methods.base import SSLMethod, ViewSpec, symmetric_views
 
 
 @register_method
@@ -60,8 +60,7 @@ class MoCo(SSLMethod):
     @classmethod
     def views(cls, aug: AugmentConfig, image_size: int) -> list[ViewSpec]:
         """Two identically distributed views with blur p=0.5 (MoCo v2 recipe)."""
-        view = ViewSpec(size=image_size, scale=aug.crop_scale, blur_prob=cls.blur_prob)
-        return [view, view]
+        return symmetric_views(aug, image_size, cls.blur_prob)
 
     def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
         x1, x2 = views

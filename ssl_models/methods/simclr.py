@@ -11,7 +11,7 @@ from ssl_models.config import AugmentConfig, PretrainConfig
 from ssl_models.heads import ProjectionMLP
 from ssl_models.losses import nt_xent_loss
 from ssl_models.methods import register_method
-from ssl_models.methods.base import SSLMethod, ViewSpec
+from ssl_models.methods.base import SSLMethod, ViewSpec, symmetric_views
 
 
 @register_method
@@ -34,8 +34,7 @@ class SimCLR(SSLMethod):
     @classmethod
     def views(cls, aug: AugmentConfig, image_size: int) -> list[ViewSpec]:
         """Two identically distributed views (the CIFAR SimCLR recipe: no blur, no solarize)."""
-        view = ViewSpec(size=image_size, scale=aug.crop_scale, blur_prob=cls.blur_prob)
-        return [view, view]
+        return symmetric_views(aug, image_size, cls.blur_prob)
 
     def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
         x1, x2 = views
