@@ -113,6 +113,7 @@ class Pretrainer:
         self.device = resolve_device(params.device)
         self.image_size = store.height
         self.flat_params = flatten(as_dict(params))
+        self.data_fingerprint = {"images": len(store), "shards": [sh.id for sh in store.shards]}
 
         self.method = build_method(params, self.device)
         self.augment = BatchAugment(params.augment, self.method.views(params.augment, self.image_size),
@@ -160,6 +161,7 @@ class Pretrainer:
             "train_seconds": self.train_seconds,
             "params": self.flat_params,
             "device_type": self.device.type,
+            "data": self.data_fingerprint,
         }
 
     def save_checkpoint(self) -> None:
@@ -172,6 +174,10 @@ class Pretrainer:
         # on the CPU: RNG states must stay CPU tensors; load_state_dict copies weights to the device
         state = torch.load(path, map_location="cpu", weights_only=False)
         _check_same_run(state["params"], self.flat_params)
+        if state["data"] != self.data_fingerprint:  # epoch orders and the schedule would differ
+            raise ValueError(f"cannot resume: the training data changed since the checkpoint "
+                             f"({state['data']['images']} -> {self.data_fingerprint['images']} images); "
+                             "start a new run")
         if state["device_type"] != self.device.type:  # the augmentation RNG streams differ
             raise ValueError(f"cannot resume: the run was trained on {state['device_type']}, "
                              f"this device is {self.device.type}")

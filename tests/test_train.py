@@ -137,3 +137,8 @@ def test_resume_refuses_changed_params_and_existing_run(tmp_path, demo_stores):
         Pretrainer(store, fast_params("pretrain.epochs=1"), tmp_path / "run", progress_bar=False)
     with pytest.raises(ValueError, match=r"cannot resume: parameters differ .*pretrain.lr: 0.1 -> 0.2"):
         Pretrainer(store, fast_params("pretrain.epochs=1", "pretrain.lr=0.2"), tmp_path / "run", resume=True)
+    grown = ImageStore.create(tmp_path / "grown", store.height, store.width)
+    grown.add(store.images(), [None] * len(store))
+    grown.add(store.images()[:32], [None] * 32)
+    with pytest.raises(ValueError, match=r"the training data changed since the checkpoint \(160 -> 192 images\)"):
+        Pretrainer(grown, fast_params("pretrain.epochs=1"), tmp_path / "run", resume=True)
