@@ -34,4 +34,4 @@ bench-cpu: $(BIN)/sslflow       ## the same benchmark as a short CPU smoke run
 	$(BIN)/python benchmarks/throughput.py --device cpu --quick --batch-size 128 --workers 2
 
 clean:
-	rm -rf $(VENV) runs data reports .pytest_cache
+	rm -rf $(VENV) runs data reports mlflow.db mlartifacts .pytest_cache
