@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ssl_models.augment import BatchAugment
-from ssl_models.backbones import build_backbone
+from ssl_models.backbones import SSLResNet, build_backbone
 from ssl_models.checkpoint import (
     atomic_save,
     remove_stale_temporaries,
@@ -146,7 +146,11 @@ class Pretrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "params.json").write_text(json.dumps(self.flat_params, indent=1))
         if self.cfg.compile and self.device.type == "cuda":
-            self.method.backbone.compile()  # in place: state_dict keys stay the same
+            # every ResNet of the method (online, momentum/EMA/teacher copies); in place, so
+            # state_dict keys stay the same
+            for module in self.method.modules():
+                if isinstance(module, SSLResNet):
+                    module.compile()
 
     # ------------------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
