@@ -8,8 +8,9 @@ PIP    := $(BIN)/python -m pip
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint bench bench-cpu clean
+.PHONY: demo ui test lint bench bench-cpu clean
 
 $(BIN)/sslflow: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(BIN)/sslflow: pyproject.toml requirements/constraints.txt
 
 demo: $(BIN)/sslflow            ## ingest the demo set, pretrain, evaluate (a few minutes on 2 CPU cores)
 	$(BIN)/sslflow run --no-progress
+
+ui: $(BIN)/sslflow              ## MLflow UI on ./mlflow.db
+	$(BIN)/sslflow ui
 
 test: $(BIN)/sslflow            ## the whole test suite
 	$(BIN)/ruff check .

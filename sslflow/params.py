@@ -24,6 +24,8 @@ PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 BASE_FILES = ("pretrain.yaml", "evaluate.yaml")
 # Sections read by other loaders (tasks/ingest.py): one params file may hold them all.
 DATA_SECTIONS = frozenset({"ingest", "validate", "versioning"})
+# Sections of a shared params file that the engine loader skips (their own loaders read them).
+NON_ENGINE_SECTIONS = DATA_SECTIONS | {"pipeline", "tracking", "promotion"}
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def load_params(params_files: str | Path | Sequence[str | Path] | None = None, o
     for file in params_files or ():
         raw = merge(raw, read_yaml(Path(file)), str(file))
     raw = merge(raw, parse_set(overrides), "--set")
-    params = build(Params, {k: v for k, v in raw.items() if k not in DATA_SECTIONS}, prefix="")
+    params = build(Params, {k: v for k, v in raw.items() if k not in NON_ENGINE_SECTIONS}, prefix="")
     check_semantics(params)
     return params
 

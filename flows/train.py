@@ -1,0 +1,98 @@
+"""The `train` flow: validate the store -> pretrain -> evaluate -> log -> register -> promotion gate.
+
+    from flows.train import train_flow
+    summary = train_flow(store="data/store", params_files=["params/profiles/demo.yaml"])
+
+Every step is a task of `tasks/steps.py` around a plain function of `tasks/`. The MLflow
+backend is checked before anything else (an unreachable server fails in one line naming
+the URI). The registered version is tagged with the number of train images and the data
+version it was trained on; `retrain` compares the champion's with the store's.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+import flows  # noqa: F401  (environment defaults before Prefect is imported)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(store: str | None = None, params_files: list[str] | None = None,
+               overrides: list[str] | None = None, run_name: str | None = None,
+               runs_dir: str | None = None, reports_dir: str | None = None,
+               protocols: list[str] | None = None, data_version: str | None = None,
+               progress_bar: bool = False) -> dict[str, Any]:
+    """Pretrain, evaluate and register an encoder on the current store.
+
+    `params_files` are applied in order over `params/*.yaml` (the last one also feeds the
+    tracking and pipeline loaders); `overrides` are `--set` style `key=value` strings of any
+    section. `protocols` None = `eval.protocols` (add `finetune` there to fine-tune too).
+    """
+    from sslflow.params import load_params
+    from tasks.ingest import load_params as load_ingest_params
+    from tasks.pipeline import load_pipeline_params, markdown_report, partition_overrides, store_data_version
+    from tasks.steps import (
+        evaluate_step,
+        log_step,
+        pretrain_step,
+        promote_step,
+        register_step,
+        validate_step,
+        with_retries,
+    )
+    from tasks.track import check_tracking_server, load_tracking_params, resolve_tracking_uri, tracking_run
+
+    logger = get_run_logger()
+    files = [str(f) for f in params_files or []]
+    last = files[-1] if files else None
+    ov = partition_overrides(list(overrides or []))
+    pp = load_pipeline_params(last, ov["pipeline"]).pipeline
+    tp = load_tracking_params(last, ov["tracking"])
+    params = load_params(files, ov["engine"])
+    data_params = load_ingest_params(last, ov["data"])
+    protocols = list(protocols or params.eval.protocols)
+    store_root = Path(store or pp.store)
+    reports = Path(reports_dir or pp.reports)
+    run_dir = Path(runs_dir or pp.runs) / (run_name or time.strftime("%Y%m%d-%H%M%S"))
+    train, test = store_root / "train", store_root / "test"
+
+    uri = resolve_tracking_uri(tp.tracking)
+    check_tracking_server(uri, tp.tracking.preflight_timeout_s)  # before any work: one line naming the URI
+
+    checked = {split.name: validate_step(split, data_params, reports) for split in (train, test)}
+    train_images = checked["train"]["images"]
+    data_version = data_version or store_data_version(store_root)
+    io = dict(retries=pp.retries, first_delay_s=pp.retry_delay_s)
+
+    with tracking_run(params, tp.tracking, run_name=run_dir.name, data_version=data_version,
+                      tags={"train_images": train_images, "test_images": checked["test"]["images"]},
+                      check=False) as run:
+        logger.info("MLflow run %s on %s", run.run_id, uri)
+        result = pretrain_step(train, run_dir, params, eval_train=train, eval_test=test,
+                               callbacks=[run.callback()], progress_bar=progress_bar, gpu_limit=pp.gpu_limit)
+        report = evaluate_step(run_dir, train, test, params, protocols)
+        gx = [Path(c["report"]) for c in checked.values() if c.get("report")]
+        with_retries(log_step, **io)(run, run_dir, params, report, train_store=train, test_store=test,
+                                     gx_report=[p for p in gx if p.exists()] or None)
+        mv = with_retries(register_step, **io)(run, run_dir, report, tp, train_images=train_images,
+                                               data_version=data_version, test_store=test)
+        decision = promote_step(run, tp, str(mv.version), report)
+
+    metrics = {**{f"eval/{k}": v for k, v in report.metrics.items()},
+               **{f"pretrain/{k}": result.metrics[k] for k in ("knn_top1", "knn_top1_at_init", "final_loss")
+                  if k in result.metrics}}
+    create_markdown_artifact(
+        markdown_report(f"train: {run_dir.name}", metrics, decision,
+                        {"run directory": run_dir, "MLflow": f"{uri} run {run.run_id}",
+                         "train images": train_images, "data version": data_version or "unknown"}),
+        key="train-report", description="metrics and promotion decision of the latest train run")
+    return {"run_dir": str(run_dir), "metrics": dict(report.metrics), "pretrain_metrics": dict(result.metrics),
+            "protocols": protocols, "mlflow_run_id": run.run_id, "tracking_uri": uri,
+            "model_name": decision.model_name, "model_version": decision.version,
+            "decision": decision.decision, "reason": decision.reason, "train_images": train_images,
+            "data_version": data_version}
