@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from sslflow import __version__
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # No usage reporting from services sslflow starts itself (an explicit setting wins).
+    for var in ("PREFECT_SERVER_ANALYTICS_ENABLED", "GX_ANALYTICS_ENABLED"):
+        os.environ.setdefault(var, "false")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from ssl_models.train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
