@@ -420,6 +420,16 @@ def _pyplot():
     return plt
 
 
+
+def _save(fig: Any, out_path: str | Path) -> Path:
+    """Write a finished figure as PNG (parents created) and free it."""
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    _pyplot().close(fig)
+    return out_path
+
 def plot_curves(history: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """`loss.png` (per-step and per-epoch loss) and `knn.png` (online kNN top-1/top-5 per
     epoch, epoch 0 = random init) from a `history.json` dict. Returns the files written."""
@@ -496,12 +506,7 @@ def plot_augmented_views(store: Any, params: Any, out_path: str | Path, n: int =
     axes[0][0].set_title("original", fontsize=7)
     for c, v in enumerate(views, start=1):
         axes[0][c].set_title(f"view {c} ({v.size}px)", fontsize=7)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_embedding_map(encoder_dir: str | Path, store: Any, out_path: str | Path,
@@ -534,12 +539,7 @@ def plot_embedding_map(encoder_dir: str | Path, store: Any, out_path: str | Path
     ax.set(title="test-set embeddings (PCA)", xlabel="PC 1", ylabel="PC 2")
     if len(set(labels.tolist())) <= 20:
         ax.legend(fontsize=6, markerscale=2, loc="best")
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_confusion(confusion: Mapping[str, Any], out_path: str | Path, title: str = "linear probe") -> Path:
@@ -560,12 +560,7 @@ def plot_confusion(confusion: Mapping[str, Any], out_path: str | Path, title: st
                 ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=6,
                         color="white" if m[i, j] > top / 2 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=f"{title} confusion")
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 # ------------------------------------------------------------------------------------ one call
