@@ -51,6 +51,21 @@ def merge(base: dict[str, Any], overlay: Mapping[str, Any], where: str) -> dict[
     return out
 
 
+def merged_sections(cls: type, base_file: Path, params_file: str | Path | None = None,
+                    overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Raw values for dataclass `cls`, whose fields are top-level sections (e.g. `tracking`,
+    `promotion`): `base_file`, then those sections of a shared `params_file`, then the `--set`
+    entries under them; pass the result to `build`. Other sections and entries belong to
+    other loaders and are left alone."""
+    sections = {f.name for f in dataclasses.fields(cls)}
+    raw = read_yaml(base_file)
+    if params_file is not None:
+        overlay = read_yaml(Path(params_file))
+        raw = merge(raw, {k: v for k, v in overlay.items() if k in sections}, str(params_file))
+    mine = [o for o in overrides if o.split(".", 1)[0].strip() in sections]
+    return merge(raw, parse_set(mine), "--set")
+
+
 def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
     """`["pretrain.lr=0.3", "seed=1"]` -> nested dict; values are parsed as YAML scalars/lists."""
     out: dict[str, Any] = {}

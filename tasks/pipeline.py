@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sslflow.errors import UserError
-from sslflow.params import DATA_SECTIONS, PARAMS_DIR, build, merge, parse_set, read_yaml
+from sslflow.params import DATA_SECTIONS, PARAMS_DIR, build, merged_sections
 
 PARAMS_FILE = "pipeline.yaml"
 SECTION = "pipeline"
@@ -55,12 +55,7 @@ def load_pipeline_params(params_file: str | Path | None = None, overrides: Itera
                          params_dir: Path = PARAMS_DIR) -> PipelineParams:
     """`params/pipeline.yaml`, then the `pipeline` section of `params_file`, then the
     `pipeline.*` entries of `overrides` (others belong to other loaders)."""
-    raw = read_yaml(Path(params_dir) / PARAMS_FILE)
-    if params_file is not None:
-        overlay = read_yaml(Path(params_file))
-        raw = merge(raw, {k: v for k, v in overlay.items() if k == SECTION}, str(params_file))
-    mine = [o for o in overrides if _section(o) == SECTION]
-    raw = merge(raw, parse_set(mine), "--set")
+    raw = merged_sections(PipelineParams, Path(params_dir) / PARAMS_FILE, params_file, overrides)
     pp: PipelineParams = build(PipelineParams, raw, prefix="")
     p = pp.pipeline
     if p.min_new_images < 0:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sslflow.errors import UserError
-from sslflow.params import PARAMS_DIR, build, merge, parse_set, read_yaml
+from sslflow.params import PARAMS_DIR, build, merged_sections
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -74,12 +74,7 @@ def load_tracking_params(params_file: str | Path | None = None, overrides: Itera
     """`params/tracking.yaml`, then the `tracking`/`promotion` sections of `params_file`, then
     the `tracking.*`/`promotion.*` entries of `overrides` (others are ignored: they belong to
     other loaders). Unknown keys and wrong types are a `UserError` naming the key."""
-    raw = read_yaml(Path(params_dir) / PARAMS_FILE)
-    if params_file is not None:
-        overlay = read_yaml(Path(params_file))
-        raw = merge(raw, {k: v for k, v in overlay.items() if k in raw}, str(params_file))
-    mine = [o for o in overrides if o.split(".", 1)[0].strip() in ("tracking", "promotion")]
-    raw = merge(raw, parse_set(mine), "--set")
+    raw = merged_sections(TrackingParams, Path(params_dir) / PARAMS_FILE, params_file, overrides)
     tracking = raw.get("tracking")
     if isinstance(tracking, dict) and tracking.get("uri") is None:
         raw["tracking"] = {**tracking, "uri": ""}
