@@ -109,6 +109,10 @@ class Pretrainer:
         if store.height != store.width:
             raise ValueError(f"pretraining needs square images; the store holds {store.height}x{store.width}")
         self.params, self.cfg, self.run_dir = params, params.pretrain, Path(run_dir)
+        checkpoint = self.run_dir / CHECKPOINT
+        if checkpoint.is_file() and not resume:  # before any work: the data may be large
+            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it "
+                             "or choose another output directory")
         self.callbacks, self.progress_bar = list(callbacks), progress_bar
         self.device = resolve_device(params.device)
         self.image_size = store.height
@@ -137,12 +141,8 @@ class Pretrainer:
         self.history = History()
         self.train_seconds = 0.0
 
-        checkpoint = self.run_dir / CHECKPOINT
         if resume and checkpoint.is_file():
             self._restore(checkpoint)
-        elif checkpoint.is_file():
-            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it "
-                             "or choose another output directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "params.json").write_text(json.dumps(self.flat_params, indent=1))
         if self.cfg.compile and self.device.type == "cuda":

@@ -206,11 +206,3 @@ def check_semantics(p: Params) -> None:
     if pt.method == "moco" and pt.queue_size < 2 * pt.batch_size:
         raise UserError(f"pretrain.queue_size ({pt.queue_size}) must be at least 2 x pretrain.batch_size "
                         f"({2 * pt.batch_size}) for MoCo: every step enqueues the keys of both views")
-
-
-def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(engine overrides, data-layer overrides) of a mixed `--set` list."""
-    engine, data = [], []
-    for item in overrides:
-        (data if item.split(".", 1)[0].strip() in DATA_SECTIONS else engine).append(item)
-    return engine, data
