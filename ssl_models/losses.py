@@ -13,7 +13,8 @@ Multi-GPU: the contrastive losses take their negatives explicitly, so a distribu
 only gathers tensors and passes them in: `nt_xent_loss(..., extra_negatives=gathered)` with the
 other ranks' projections, and `info_nce_loss(q, k, queue, ...)` with any (K, D) negative set
 (MoCo enqueues keys gathered from all ranks; in-batch negatives from other ranks can be
-concatenated to the queue). No distributed code lives here.
+concatenated to the queue). No distributed code lives here: the gathers, with the gradient
+flowing back to the rank that produced each negative, are in `ssl_models.distributed`.
 """
 
 from __future__ import annotations

@@ -275,16 +275,31 @@ class DeviceBatches:
     device once and each batch is one gather. Streaming mode: shards are visited in a
     permuted order and shuffled within, each copied over from pinned host memory.
     The order of every epoch depends only on (seed, epoch); `start_batch` skips ahead on resume.
+
+    Data parallel (`world_size` > 1): `batch_size` is the global batch. Every rank walks the
+    same global order and yields its own contiguous slice of each global batch, rows
+    [rank * B / world, (rank + 1) * B / world), so the ranks' images are disjoint, together
+    they are exactly the single-process batch, and a position (epoch, batch) means the same
+    thing for any number of ranks (resume with another N).
     """
 
     def __init__(self, store: ImageStore, batch_size: int, device: torch.device, seed: int,
-                 drop_last: bool = True, max_resident_bytes: int | None = None) -> None:
+                 drop_last: bool = True, max_resident_bytes: int | None = None, *,
+                 rank: int = 0, world_size: int = 1) -> None:
         if len(store) == 0:
             raise StoreError(f"{store.root} is empty")
         if drop_last and len(store) < batch_size:
             raise StoreError(f"{store.root} has {len(store)} images, fewer than one batch of {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (global) is not divisible by {world_size} ranks")
+        if world_size > 1 and not drop_last:
+            raise ValueError("a last, partial batch cannot be split evenly over ranks: use drop_last")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
         self.store, self.batch_size, self.device, self.seed = store, batch_size, device, seed
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = batch_size // world_size
         budget = max_resident_bytes if max_resident_bytes is not None else _default_budget(device)
         self.resident = store.nbytes <= budget
         self._images: torch.Tensor | None = None
@@ -296,13 +311,19 @@ class DeviceBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's part of global batches `start_batch`, ... of epoch `epoch`."""
         if self.resident:
             assert self._images is not None
             order = epoch_permutation(len(self.store), self.seed, epoch).to(self.device)
             for b in range(start_batch, len(self)):
-                yield self._images[order[b * self.batch_size:(b + 1) * self.batch_size]]
+                lo = self._local_start(b)
+                yield self._images[order[lo:lo + self.local_batch_size]]
         else:
             yield from self._stream(epoch, start_batch)
+
+    def _local_start(self, batch: int) -> int:
+        """Index of this rank's first row of global batch `batch` in the epoch's order."""
+        return batch * self.batch_size + self.rank * self.local_batch_size
 
     def _stream(self, epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -319,7 +340,8 @@ class DeviceBatches:
             full = len(chunk) // self.batch_size
             for b in range(full):
                 if produced >= start_batch:
-                    batch = chunk[b * self.batch_size:(b + 1) * self.batch_size]
+                    lo = self._local_start(b)
+                    batch = chunk[lo:lo + self.local_batch_size]
                     yield (batch.pin_memory() if pin else batch).to(self.device, non_blocking=pin)
                 produced += 1
             carry = chunk[full * self.batch_size:]

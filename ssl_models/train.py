@@ -10,6 +10,13 @@ Checkpoints hold the method (networks, EMA copies, queues, centres), optimizer, 
 position in the epoch, metric accumulators and every RNG state, so a run killed at any
 point and resumed ends with the same weights as an uninterrupted one (bitwise on CPU).
 Metrics leave through callbacks; this module logs nothing itself.
+
+Data parallel (under torchrun, see docs/multi-gpu.md): `pretrain.batch_size` is the global
+batch, split evenly over the ranks; every rank draws the augmentation uniforms of the whole
+global batch from the same generator and uses its own rows, so N ranks see exactly the views
+one process would see, and the checkpoint (position, RNG, accumulators, unwrapped weights)
+does not depend on N. Rank 0 alone runs callbacks, the progress bar, online kNN and writes
+files; the other ranks only train.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from ssl_models.augment import BatchAugment
+from ssl_models import distributed
+from ssl_models.augment import NUM_UNIFORMS, BatchAugment, normalize, to_float
 from ssl_models.backbones import SSLResNet, build_backbone
 from ssl_models.checkpoint import (
     atomic_save,
@@ -42,9 +50,10 @@ from ssl_models.optim import WarmupCosine, build_optimizer
 from ssl_models.store import DeviceBatches, ImageStore
 
 CHECKPOINT = "checkpoints/last.pt"
-# Keys that may change between a run and its resumption without changing the result.
+# Keys that may change between a run and its resumption without changing the result
+# (`world_size`: the number of DDP ranks, which only changes float summation order).
 RESUMABLE_CHANGES = {"device", "pretrain.compile", "pretrain.log_every", "pretrain.checkpoint_every",
-                     "pretrain.eval_every"}
+                     "pretrain.eval_every", "world_size"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,22 +82,60 @@ class PretrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda if available; under torchrun `cuda` is this rank's `cuda:LOCAL_RANK`."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
+    return distributed.local_device(device)
+
+
+class ShardedAugment(BatchAugment):
+    """BatchAugment for one rank's slice of a global batch, with the single-process randomness.
+
+    Why: per-rank generators would give rank r views that no single-process run ever draws,
+    and their states would have to be checkpointed per rank (so resuming with another number
+    of ranks could not continue the same stream). Instead every rank keeps the same generator,
+    draws the uniforms of the *global* batch (V x B_global x NUM_UNIFORMS numbers, negligible
+    next to the images) and augments only its own rows; the per-view pipeline is per-image,
+    so rank r's views are the rows of the single-process views, and the generator state is
+    the same on every rank and for any number of ranks. With one rank this is BatchAugment.
+    """
+
+    def __init__(self, *args: Any, rank: int = 0, world_size: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        if self.world_size == 1:
+            return super().__call__(images, generator)
+        if images.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 images, got {images.dtype}")
+        b = images.shape[0]
+        u = torch.rand((len(self.plans), b * self.world_size, NUM_UNIFORMS), generator=generator,
+                       device=images.device)[:, self.rank * b:(self.rank + 1) * b]
+        with torch.autocast(images.device.type, enabled=False):  # as BatchAugment.__call__
+            x = to_float(images)
+            return [normalize(self._view_fn(x, u[i], plan), self.cfg.mean, self.cfg.std)
+                    for i, plan in enumerate(self.plans)]
 
 
 def build_method(params: Params, device: torch.device) -> SSLMethod:
-    """Seeded construction, so the initial weights are a function of `params.seed`."""
+    """Seeded construction, so the initial weights are a function of `params.seed` (on every rank).
+
+    With several ranks every BatchNorm becomes a synced one (same state_dict keys), so the
+    statistics are the global batch's, as in the single-process run.
+    """
     cfg = params.pretrain
     torch.manual_seed(params.seed)
     backbone = build_backbone(cfg.backbone, cfg.width)
     method = METHODS[cfg.method](backbone, backbone.feature_dim, cfg).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
+    if distributed.world_size() > 1:
+        distributed.convert_sync_batchnorm(method, device)
     return method
 
 
@@ -113,25 +160,36 @@ class Pretrainer:
         if checkpoint.is_file() and not resume:  # before any work: the data may be large
             raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                              "or choose another output directory")
-        self.callbacks, self.progress_bar = list(callbacks), progress_bar
         self.device = resolve_device(params.device)
+        distributed.init_from_env(self.device)  # no-op without torchrun
+        self.world_size = distributed.world_size()
+        self.rank = distributed.rank() if self.world_size > 1 else 0  # a lone process always reports
+        self.is_main = self.rank == 0
+        if self.cfg.batch_size % self.world_size:
+            raise ValueError(f"pretrain.batch_size ({self.cfg.batch_size}) is the global batch and must be "
+                             f"divisible by the number of ranks ({self.world_size})")
+        # rank 0 alone reports: the other ranks get no callbacks and no progress bar
+        self.callbacks = list(callbacks) if self.is_main else []
+        self.progress_bar = progress_bar and self.is_main
         self.image_size = store.height
         self.flat_params = flatten(as_dict(params))
         self.data_fingerprint = {"images": len(store), "shards": [sh.id for sh in store.shards]}
 
         self.method = build_method(params, self.device)
-        self.augment = BatchAugment(params.augment, self.method.views(params.augment, self.image_size),
-                                    compile=self.cfg.compile and self.device.type == "cuda")
-        self.batches = DeviceBatches(store, self.cfg.batch_size, self.device, params.seed)
+        self.augment = ShardedAugment(params.augment, self.method.views(params.augment, self.image_size),
+                                      compile=self.cfg.compile and self.device.type == "cuda",
+                                      rank=self.rank, world_size=self.world_size)
+        self.batches = DeviceBatches(store, self.cfg.batch_size, self.device, params.seed,
+                                     rank=self.rank, world_size=self.world_size)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
-        lr = self.cfg.lr * self.cfg.batch_size / 256
+        lr = self.cfg.lr * self.cfg.batch_size / 256  # the global batch, whatever the number of ranks
         self.optimizer = build_optimizer(self.method, self.cfg.optimizer, lr, self.cfg.momentum,
                                          self.cfg.weight_decay)
         warmup = round(self.cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(warmup, self.total_steps))
-        self.generator = torch.Generator(self.device).manual_seed(params.seed)
-        self.eval_images = self._load_eval(eval_stores)
+        self.generator = torch.Generator(self.device).manual_seed(params.seed)  # the same on every rank
+        self.eval_images = self._load_eval(eval_stores) if self.is_main else None
 
         # Position and accumulators: all of it goes into the checkpoint.
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -143,14 +201,23 @@ class Pretrainer:
 
         if resume and checkpoint.is_file():
             self._restore(checkpoint)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "params.json").write_text(json.dumps(self.flat_params, indent=1))
-        if self.cfg.compile and self.device.type == "cuda":
+        if not distributed.same_on_all_ranks(self.step, self.device):
+            raise ValueError(f"the ranks resume from different steps: is {self.run_dir} on a filesystem "
+                             "every node shares?")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "params.json").write_text(json.dumps(self.flat_params, indent=1))
+        if self.cfg.compile and self.device.type == "cuda" and self.world_size == 1:
             # every ResNet of the method (online, momentum/EMA/teacher copies); in place, so
-            # state_dict keys stay the same
+            # state_dict keys stay the same. Not under DDP: torch.compile of SyncBatchNorm is
+            # not reliably supported (pytorch/pytorch#107372), the backbones then run eagerly.
             for module in self.method.modules():
                 if isinstance(module, SSLResNet):
                     module.compile()
+        # What the loop calls: DDP around the method with several ranks (gradients averaged
+        # in backward), the method itself otherwise. `self.method` stays the unwrapped module
+        # for checkpoints, EMA updates and evaluation, so nothing saved depends on N.
+        self.model = distributed.wrap_ddp(self.method, self.device)
 
     # ------------------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -166,18 +233,25 @@ class Pretrainer:
             "params": self.flat_params,
             "device_type": self.device.type,
             "data": self.data_fingerprint,
+            "world_size": self.world_size,
         }
 
     def save_checkpoint(self) -> None:
-        """Refuse to overwrite the last good checkpoint with diverged weights."""
+        """Refuse to overwrite the last good checkpoint with diverged weights; rank 0 writes.
+
+        Every rank must call it (the divergence check averages the accumulators over ranks).
+        """
         self._raise_if_diverged()
-        atomic_save(self._state(), self.run_dir / CHECKPOINT)
+        if self.is_main:
+            atomic_save(self._state(), self.run_dir / CHECKPOINT)
 
     def _restore(self, path: Path) -> None:
-        remove_stale_temporaries(path.parent)
+        if self.is_main:  # the only writer
+            remove_stale_temporaries(path.parent)
         # on the CPU: RNG states must stay CPU tensors; load_state_dict copies weights to the device
         state = torch.load(path, map_location="cpu", weights_only=False)
-        _check_same_run(state["params"], self.flat_params)
+        _check_same_run({**state["params"], "world_size": state.get("world_size", 1)},
+                        {**self.flat_params, "world_size": self.world_size})
         if state["data"] != self.data_fingerprint:  # epoch orders and the schedule would differ
             raise ValueError(f"cannot resume: the training data changed since the checkpoint "
                              f"({state['data']['images']} -> {self.data_fingerprint['images']} images); "
@@ -196,7 +270,24 @@ class Pretrainer:
         self.history = History(**state["history"])
         self.train_seconds = state["train_seconds"]
 
+    def _sync_accumulators(self) -> None:
+        """Average the loss accumulators and OR the NaN flag over ranks (one collective).
+
+        Called only where the host reads them anyway (logs, epoch end, checkpoints). Averaging
+        in place at any time keeps the final mean right, makes every rank raise
+        `TrainingDiverged` together (instead of one rank leaving the others in a collective),
+        and makes the checkpointed accumulators those of the global batch.
+        """
+        if self.world_size == 1:
+            return
+        packed = torch.stack([self.loss_sum, self.epoch_loss_sum, self.nonfinite.float()])
+        packed = distributed.all_reduce_mean(packed)
+        self.loss_sum.copy_(packed[0])
+        self.epoch_loss_sum.copy_(packed[1])
+        self.nonfinite.copy_(packed[2] > 0)
+
     def _raise_if_diverged(self) -> None:
+        self._sync_accumulators()
         if bool(self.nonfinite):
             raise TrainingDiverged(
                 f"loss became NaN/inf before step {self.step} (epoch {self.epoch}); "
@@ -205,9 +296,37 @@ class Pretrainer:
             )
 
     # ------------------------------------------------------------------------------ training
-    def fit(self) -> PretrainResult:
+    def forward_backward(self, images: torch.Tensor, progress: float) -> torch.Tensor:
+        """Views, loss and gradients of one batch (this rank's part); no optimizer step.
+
+        Returns this rank's loss; under DDP the gradients are already averaged over ranks.
+        """
+        with torch.no_grad():
+            views = self.augment(images, self.generator)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else nullcontext())
+        with autocast:
+            loss = self.model(views, progress)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    def train_step(self, images: torch.Tensor) -> None:
+        """One optimisation step on this rank's part of the next batch; no host sync."""
+        progress = self.step / self.total_steps
+        loss = self.forward_backward(images, progress)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.method.after_step(progress)
+
+        loss = loss.detach().float()
+        self.nonfinite |= ~torch.isfinite(loss)
+        self.loss_sum += loss
+        self.epoch_loss_sum += loss
+        self.step += 1
+        self.batch_in_epoch += 1
+
+    def fit(self) -> PretrainResult:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress_bar,
                    desc=f"{self.cfg.method} pretrain", unit="step", dynamic_ncols=True)
         if self.step == 0 and self.eval_images is not None and self.cfg.eval_every:
@@ -220,23 +339,7 @@ class Pretrainer:
             self.method.train()
             epoch_t0 = time.perf_counter()
             for images in self.batches.epoch(self.epoch, self.batch_in_epoch):
-                progress = self.step / self.total_steps
-                with torch.no_grad():
-                    views = self.augment(images, self.generator)
-                with autocast:
-                    loss = self.method(views, progress)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.method.after_step(progress)
-
-                loss = loss.detach().float()
-                self.nonfinite |= ~torch.isfinite(loss)
-                self.loss_sum += loss
-                self.epoch_loss_sum += loss
-                self.step += 1
-                self.batch_in_epoch += 1
+                self.train_step(images)
                 bar.update(1)
 
                 if self.step % self.cfg.log_every == 0:
@@ -256,6 +359,8 @@ class Pretrainer:
         self._raise_if_diverged()
         loss = float(self.loss_sum) / steps
         self.loss_sum.zero_()
+        if not self.is_main:
+            return
         metrics = {
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -315,8 +420,7 @@ class Pretrainer:
                             self.eval_images["test_labels"], k=ev.knn_k, temperature=ev.knn_temperature)
 
     def _finish(self) -> PretrainResult:
-        save_encoder(self.method.encoder(), self.run_dir, self.image_size,
-                     self.params.augment.mean, self.params.augment.std)
+        """Rank 0 writes the encoder and metrics; every rank returns once they are written."""
         last = self.history.epochs[-1] if self.history.epochs else {}
         images = self.total_steps * self.cfg.batch_size
         metrics = {
@@ -331,6 +435,10 @@ class Pretrainer:
                 metrics[key] = last[key]
         if self.history.epochs and self.history.epochs[0]["epoch"] == 0:
             metrics["knn_top1_at_init"] = self.history.epochs[0]["knn_top1"]
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (self.run_dir / "history.json").write_text(json.dumps(asdict(self.history), indent=1))
+        if self.is_main:
+            save_encoder(self.method.encoder(), self.run_dir, self.image_size,
+                         self.params.augment.mean, self.params.augment.std)
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            (self.run_dir / "history.json").write_text(json.dumps(asdict(self.history), indent=1))
+        distributed.barrier()
         return PretrainResult(self.run_dir, self.method, metrics, self.history)

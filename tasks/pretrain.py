@@ -1,13 +1,20 @@
-"""The pretrain step: a plain function (Prefect wraps it later), used by the CLI and DVC."""
+"""The pretrain step: a plain function (Prefect wraps it later), used by the CLI and DVC.
+
+Under `torchrun --nproc-per-node N` every rank calls it: the process group is joined from
+torchrun's environment for the duration of the call (and left afterwards), rank 0 converts an
+image folder into the store cache before the others open it, and only rank 0 reports and
+writes (see `ssl_models.train`). Without torchrun it is a plain single-process run.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+from ssl_models import distributed
 from ssl_models.config import Params
-from ssl_models.store import open_images
-from ssl_models.train import Callback, Pretrainer, PretrainResult
+from ssl_models.store import ImageStore, open_images
+from ssl_models.train import Callback, Pretrainer, PretrainResult, resolve_device
 from sslflow.errors import UserError
 
 
@@ -23,14 +30,24 @@ def pretrain(data: str | Path, out: str | Path, params: Params, *, resume: bool 
     out = Path(out)
     if (eval_train is None) != (eval_test is None):
         raise UserError("online kNN needs both --eval-train and --eval-test")
-    cache = out / "data-cache"
-    store = open_images(data, cache)
-    eval_stores = None
-    if eval_train is not None and eval_test is not None:
-        eval_stores = (open_images(eval_train, cache), open_images(eval_test, cache))
     try:
-        trainer = Pretrainer(store, params, out, resume=resume, callbacks=callbacks,
-                             eval_stores=eval_stores, progress_bar=progress_bar)
-    except ValueError as e:  # bad combination of data and params: the user can fix it
+        device = resolve_device(params.device)
+    except ValueError as e:
         raise UserError(str(e)) from None
-    return trainer.fit()
+    with distributed.process_group(device):
+        with distributed.main_first():  # two ranks must not write the same folder cache at once
+            store, eval_stores = _open_stores(data, out / "data-cache", eval_train, eval_test)
+        try:
+            trainer = Pretrainer(store, params, out, resume=resume, callbacks=callbacks,
+                                 eval_stores=eval_stores, progress_bar=progress_bar)
+        except ValueError as e:  # bad combination of data and params: the user can fix it
+            raise UserError(str(e)) from None
+        return trainer.fit()
+
+
+def _open_stores(data: str | Path, cache: Path, eval_train: str | Path | None, eval_test: str | Path | None,
+                 ) -> tuple[ImageStore, tuple[ImageStore, ImageStore] | None]:
+    store = open_images(data, cache)
+    if eval_train is None or eval_test is None:
+        return store, None
+    return store, (open_images(eval_train, cache), open_images(eval_test, cache))

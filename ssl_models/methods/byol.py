@@ -25,6 +25,9 @@ class BYOL(SSLMethod):
     - Loss: symmetric, `(byol_loss(p1, z2') + byol_loss(p2, z1')) / 2`; the paper sums the two
       terms, averaging halves the loss (and gradient) scale, which LARS largely normalises away.
     Both views are encoded in one backbone call of 2B images (online and target alike).
+    Data parallel needs nothing of its own: the loss is a per-image mean, so DDP's averaged
+    gradients and synced BN give the global-batch result, and the EMA target stays identical
+    on every rank because the online weights are.
     """
 
     name: ClassVar[str] = "byol"

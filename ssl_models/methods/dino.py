@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ssl_models import distributed
 from ssl_models.config import AugmentConfig, PretrainConfig
 from ssl_models.heads import DINOHead, cosine_momentum, ema_update_, momentum_copy
 from ssl_models.losses import dino_loss
@@ -26,7 +27,8 @@ class DINO(SSLMethod):
       cfg.teacher_temperature_warmup to cfg.teacher_temperature over
       cfg.teacher_temperature_warmup_epochs (epoch = progress * cfg.epochs), then stays.
     - Center: buffer updated after the loss, c <- m c + (1 - m) mean(teacher logits of the
-      batch) with m = cfg.center_momentum (a multi-GPU version would all-reduce the mean).
+      batch) with m = cfg.center_momentum; under DDP the batch mean is all-reduced over ranks,
+      so the centre is the global batch's and identical on every rank.
     - Views: 2 global + aug.local_crops local; the teacher sees only the 2 global views, the
       student all of them. The student backbone runs once per run of consecutive views of the
       same resolution (DINO's MultiCropWrapper), the head once on all features.
@@ -95,9 +97,9 @@ class DINO(SSLMethod):
 
     @torch.no_grad()
     def _update_center(self, teacher_out: torch.Tensor) -> None:
-        """c <- m c + (1 - m) * batch mean of the (G * B, K) teacher logits."""
-        batch_center = teacher_out.float().mean(dim=0, keepdim=True)
-        self.center.lerp_(batch_center, 1.0 - self.cfg.center_momentum)
+        """c <- m c + (1 - m) * batch mean of the (G * B, K) teacher logits (of all ranks)."""
+        batch_center = distributed.all_reduce_mean(teacher_out.float().mean(dim=0, keepdim=True))
+        self.center.lerp_(batch_center.to(self.center.dtype), 1.0 - self.cfg.center_momentum)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

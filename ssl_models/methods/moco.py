@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_models import distributed
 from ssl_models.config import AugmentConfig, PretrainConfig
 from ssl_models.heads import ProjectionMLP, ema_update_, momentum_copy
 from ssl_models.losses import info_nce_loss
@@ -29,12 +30,15 @@ class MoCo(SSLMethod):
       versa, `(info_nce(q1, k2) + info_nce(q2, k1)) / 2` (the demo sums; averaging keeps the
       loss on the scale of the asymmetric one). Both views' keys (2B per step) are enqueued
       after the loss, so `2 * batch_size <= queue_size` is required.
+    - Data parallel: the keys of all ranks are gathered (no gradient: keys are a stop-gradient
+      target) and enqueued in global-batch order, so every rank's queue is identical and equal
+      to the single-process queue; `batch_size` above is the global batch.
 
     BatchNorm: MoCo's "shuffle BN" (keys computed on a batch permuted across GPUs so BN
-    statistics cannot leak which key is positive) needs per-device BN and is not possible on
-    one device. As mitigation each view is encoded in its own backbone call, so the positive
-    pair (q of view 1, k of view 2) never shares a BN batch. A faithful single-device emulation
-    would need a split (ghost) BN in the backbone.
+    statistics cannot leak which key is positive) needs per-device BN and is not implemented;
+    under DDP, BN is synced over the global batch instead. As mitigation each view is encoded
+    in its own backbone call, so the positive pair (q of view 1, k of view 2) never shares a
+    BN batch. A faithful emulation would need a split (ghost) BN in the backbone.
     """
 
     name: ClassVar[str] = "moco"
@@ -73,7 +77,8 @@ class MoCo(SSLMethod):
         queue = self.queue.clone()
         t = self.cfg.temperature
         loss = (info_nce_loss(q1, k2, queue, t) + info_nce_loss(q2, k1, queue, t)) / 2
-        self._enqueue(torch.cat([k1, k2]))
+        # all of view 1's keys, then all of view 2's: the single-process order for any N
+        self._enqueue(distributed.all_gather(torch.stack([k1, k2]), dim=1).flatten(0, 1))
         return loss
 
     @torch.no_grad()

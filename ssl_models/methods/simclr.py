@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ssl_models import distributed
 from ssl_models.config import AugmentConfig, PretrainConfig
 from ssl_models.heads import ProjectionMLP
 from ssl_models.losses import nt_xent_loss
@@ -20,6 +21,11 @@ class SimCLR(SSLMethod):
 
     Both views go through the backbone in one call of 2B images, so BatchNorm normalises over
     the whole 2B batch as in the paper's (global-BN) setup, and the GPU sees one large batch.
+
+    Data parallel: each rank's anchors are its own 2B projections, the negatives are every
+    rank's projections (`extra_negatives`, gathered with gradients), and BN is synced; the
+    mean of the ranks' losses is then the single-process loss of the global batch, and DDP's
+    averaged gradients are its gradients.
     """
 
     name: ClassVar[str] = "simclr"
@@ -40,4 +46,9 @@ class SimCLR(SSLMethod):
         x1, x2 = views
         z = self.projector(self.backbone(torch.cat([x1, x2])))
         z1, z2 = z.split(x1.shape[0])
-        return nt_xent_loss(z1, z2, self.cfg.temperature)
+        negatives = None
+        if distributed.world_size() > 1:
+            # the other ranks' projections in at least float32 (the loss computes in float32
+            # anyway), so that their gradients are not summed over ranks in bf16
+            negatives = distributed.others_with_grad(z.to(torch.promote_types(z.dtype, torch.float32)))
+        return nt_xent_loss(z1, z2, self.cfg.temperature, extra_negatives=negatives)

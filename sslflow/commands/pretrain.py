@@ -1,4 +1,8 @@
-"""`sslflow pretrain`: self-supervised pretraining of an encoder on a store or image folder."""
+"""`sslflow pretrain`: self-supervised pretraining of an encoder on a store or image folder.
+
+Multi-GPU: run it under `torchrun --nproc-per-node N -m sslflow.cli pretrain ...` (see
+docs/multi-gpu.md); `pretrain.batch_size` is then the global batch and only rank 0 prints.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ssl_models import distributed
     from tasks.pretrain import pretrain
 
     params = params_from(args)
     result = pretrain(args.data, args.out, params, resume=args.resume, eval_train=args.eval_train,
                       eval_test=args.eval_test, progress_bar=not args.no_progress)
+    if not distributed.is_main():  # torchrun: the other ranks trained, rank 0 reports
+        return 0
     print(json.dumps(result.metrics, indent=1))
     print(f"encoder: {Path(args.out) / 'encoder.pt'} (state dict) and encoder.pt2 (torch.export)")
     return 0
