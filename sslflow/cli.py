@@ -15,7 +15,7 @@ import sys
 from sslflow import __version__
 from sslflow.errors import UserError
 
-COMMAND_MODULES = ("run", "ingest", "validate", "pretrain", "evaluate", "promote", "retrain", "deploy", "ui")
+COMMAND_MODULES = ("run", "ingest", "validate", "pretrain", "evaluate", "tune", "promote", "retrain", "deploy", "ui")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -25,7 +25,7 @@ BASE_FILES = ("pretrain.yaml", "evaluate.yaml")
 # Sections read by other loaders (tasks/ingest.py): one params file may hold them all.
 DATA_SECTIONS = frozenset({"ingest", "validate", "versioning"})
 # Sections of a shared params file that the engine loader skips (their own loaders read them).
-NON_ENGINE_SECTIONS = DATA_SECTIONS | {"pipeline", "tracking", "promotion"}
+NON_ENGINE_SECTIONS = DATA_SECTIONS | {"pipeline", "tracking", "promotion", "tune"}
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

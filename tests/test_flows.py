@@ -197,3 +197,27 @@ def test_errors_are_one_line_before_training(project, monkeypatch, capsys):
         train_flow(store="nowhere", overrides=FLOW_SET, run_name="y")
     code = main(["retrain", "--set", "pipeline.min_new_imagse=3"])
     assert code == 2 and "unknown parameter pipeline.min_new_imagse" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tune_flow_trains_the_best_configuration(project: Path) -> None:
+    """`tune` flow: a 2-trial study, the best params file, then a `train` subflow with it
+    that registers a version; the study's parent run points at that training run."""
+    from mlflow import MlflowClient
+
+    from flows.tune import tune_flow
+
+    sets = [*FLOW_SET, "tune.budget_epochs=1", "tune.pruner=none", "tune.startup_trials=1"]
+    out = tune_flow(trials=2, study="flow", storage=f"sqlite:///{project / 'optuna.db'}", overrides=sets,
+                    output=str(project / "tuned.yaml"))
+    t = out["tune"]
+    assert (t["complete"], out["trained"]) == (2, True)
+    best_temperature = t["best_params"]["pretrain.temperature"]
+    client = MlflowClient()
+    train_run = client.get_run(out["train"]["mlflow_run_id"])
+    assert float(train_run.data.params["pretrain.temperature"]) == pytest.approx(best_temperature)
+    assert train_run.data.params["pretrain.epochs"] == "2"  # the full epochs, not the trial budget
+    parent = client.get_run(t["mlflow_run_id"])
+    assert parent.data.tags["best.train_run_id"] == train_run.info.run_id
+    assert parent.data.tags["best.model_version"] == str(out["train"]["model_version"])
+    assert [str(v.version) for v in _versions()] == [str(out["train"]["model_version"])]

@@ -1,0 +1,91 @@
+"""The `tune` flow: validate the store -> Optuna study -> best params file -> train the best.
+
+    from flows.tune import tune_flow
+    tune_flow(trials=20, params_files=["params/profiles/demo.yaml"])
+
+The study is the `tune` task around `tasks.tune.tune` (see there for storage, heartbeats,
+resumption and pruning). With `train_best` (default `tune.train_best`) the best
+configuration, written to `tune.output`, goes to the `train` flow as a subflow with the full
+number of epochs: evaluation, registration and the promotion gate decide whether it becomes
+the champion. Extra workers join the same study with `sslflow tune --no-train --storage URL
+--study NAME`, or with more runs of the `tune` deployment with `train_best=false`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+import flows  # noqa: F401  (environment defaults before Prefect is imported)
+
+
+@task(name="tune", cache_policy=NO_CACHE)
+def tune_step(store: str, params_files: list[str], overrides: list[str], **kwargs: Any) -> Any:
+    from tasks.tune import tune
+
+    logger = get_run_logger()
+    return tune(store, params_files, overrides, log=logger.info, **kwargs)
+
+
+@flow(name="tune", log_prints=True)
+def tune_flow(trials: int | None = None, study: str | None = None, storage: str | None = None,
+              timeout_s: float | None = None, params_files: list[str] | None = None,
+              overrides: list[str] | None = None, train_best: bool | None = None,
+              store: str | None = None, output: str | None = None) -> dict[str, Any]:
+    """Search `tune.space` for `trials` finished trials, then (optionally) train the best.
+    None = the value in `params/tune.yaml` / `params/pipeline.yaml`."""
+    from flows.train import train_flow
+    from tasks.ingest import load_params as load_ingest_params
+    from tasks.pipeline import load_pipeline_params, markdown_report, partition_overrides
+    from tasks.steps import validate_step
+    from tasks.tune_space import load_tune_params
+
+    files = [str(f) for f in params_files or []]
+    last = files[-1] if files else None
+    overrides = list(overrides or [])
+    ov = partition_overrides(overrides)
+    pp = load_pipeline_params(last, ov["pipeline"]).pipeline
+    cfg = load_tune_params(last, [o for o in overrides if o.startswith("tune.")]).tune
+    data_params = load_ingest_params(last, ov["data"])
+    store_root = Path(store or pp.store)
+    for split in ("train", "test"):
+        validate_step(store_root / split, data_params, Path(pp.reports))
+
+    result = tune_step(str(store_root), files, overrides, trials=trials, study=study, storage=storage,
+                       timeout_s=timeout_s, output=output)
+    summary: dict[str, Any] = {"tune": result.to_dict(), "trained": False}
+    train_best = cfg.train_best if train_best is None else train_best
+    trained: dict[str, Any] = {}
+    if train_best and result.output:
+        trained = train_flow(store=str(store_root), params_files=[*files, result.output], overrides=overrides,
+                             run_name=f"tune-{result.study}-best")
+        summary.update(trained=True, train=trained)
+        _link_best_run(result, trained)
+    elif train_best:
+        get_run_logger().warning("tune: no trial completed, so there is no best configuration to train")
+    metrics = {"best kNN top-1 (budget)": result.best_value if result.best_value is not None else float("nan"),
+               **{f"eval/{k}": v for k, v in trained.get("metrics", {}).items()}}
+    details = {"study": f"{result.study} on {result.storage}", "best trial": result.best_trial,
+               "best params": result.best_params, "params file": result.output or "none (no complete trial)",
+               "trials": f"{result.complete} complete, {result.pruned} pruned, {result.failed} failed",
+               "MLflow parent run": result.mlflow_run_id,
+               "training of the best": (f"{trained['model_name']} version {trained['model_version']}: "
+                                        f"{trained['decision']} ({trained['reason']})") if trained else "not run"}
+    create_markdown_artifact(markdown_report(f"tune: {result.study}", metrics, None, details),
+                             key="tune-report", description="best configuration of the latest study")
+    return summary
+
+
+def _link_best_run(result: Any, trained: dict[str, Any]) -> None:
+    """Tag the study's parent run with the training run of its best configuration."""
+    from mlflow import MlflowClient
+
+    if not result.mlflow_run_id:
+        return
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    client.set_tag(result.mlflow_run_id, "best.train_run_id", trained["mlflow_run_id"])
+    client.set_tag(result.mlflow_run_id, "best.model_version", str(trained["model_version"]))
