@@ -1,4 +1,4 @@
-"""Prefect flows of the pipeline: `train`, `retrain` (scheduled) and their deployments.
+"""Prefect flows of the pipeline: `train`, `retrain` (scheduled), `pretrain` (GPU pool), `tune` and their deployments.
 
 Safe defaults for a laptop or CI before Prefect is imported: no analytics, and enough time
 for the temporary local server a flow starts when no `PREFECT_API_URL` is set.

@@ -1,11 +1,17 @@
-"""Deployments of the flows on a process work pool (`sslflow deploy`; `prefect.yaml` is the same set).
+"""Deployments of the flows on work pools (`sslflow deploy`; `prefect.yaml` is the same set).
 
+Process pool `pipeline.work_pool`:
 - `retrain/nightly`: `pipeline.cron` in `pipeline.timezone` (default 03:00 UTC every day);
 - `train/on-demand`: no schedule;
-- with `gpu=True`, `train/gpu` on `pipeline.gpu_work_pool` with `device=cuda`,
-  `CUDA_VISIBLE_DEVICES=0` as a job variable and `pipeline.gpu_limit` (default `gpu`) held
-  by each pretraining: one worker per GPU host, one limit slot per GPU.
-- `tune`: pending (issue 5).
+- `tune/on-demand`: a hyperparameter search (`flows/tune.py`), no schedule.
+
+With `gpu=True` (`sslflow deploy --gpu`), on `pipeline.gpu_work_pool`, each with
+`CUDA_VISIBLE_DEVICES=0` as a job variable, `device=cuda` and one slot of `pipeline.gpu_limit`
+(default `gpu`) held by each pretraining: one worker per GPU host, one limit slot per GPU.
+- `pretrain/gpu`: pretraining only; the `train` flow sends it there with
+  `pipeline.pretrain_deployment=pretrain/gpu` and keeps the rest (docs/scaling-gpu-pool.md);
+- `train/gpu`: the whole train flow on a GPU host;
+- `tune/gpu`: a search whose trials train on a GPU host (several runs share one study).
 
 The flows run from this checkout (`set_working_directory` pull step): start a worker in it
 with `prefect worker start --pool sslflow-process`.
@@ -35,6 +41,11 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> None:
                 client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
 
 
+def gpu_settings(pp: Any) -> tuple[str, dict[str, Any]]:
+    """The GPU concurrency limit and the job variables of every GPU deployment."""
+    return pp.gpu_limit or "gpu", {"env": {"CUDA_VISIBLE_DEVICES": "0"}}
+
+
 def build_deployments(pp: Any, project_dir: Path = PROJECT_DIR, gpu: bool = False) -> list[tuple[str, Any]]:
     """(work pool, RunnerDeployment) pairs, not yet applied."""
     from prefect import Flow
@@ -43,36 +54,63 @@ def build_deployments(pp: Any, project_dir: Path = PROJECT_DIR, gpu: bool = Fals
     src = str(project_dir)
     retrain = Flow.from_source(src, "flows/retrain.py:retrain_flow")
     train = Flow.from_source(src, "flows/train.py:train_flow")
+    tune = Flow.from_source(src, "flows/tune.py:tune_flow")
     out = [
         (pp.work_pool, retrain.to_deployment(
             name="nightly", schedules=[Cron(pp.cron, timezone=pp.timezone)], tags=["sslflow"],
             description="ingest data/incoming, validate, retrain when enough is new")),
         (pp.work_pool, train.to_deployment(name="on-demand", tags=["sslflow"],
                                            description="validate the store, pretrain, evaluate, register")),
+        (pp.work_pool, tune.to_deployment(name="on-demand", tags=["sslflow"],
+                                          description="hyperparameter search, then train the best trial")),
     ]
     if gpu:
-        limit = pp.gpu_limit or "gpu"
-        out.append((pp.gpu_work_pool, train.to_deployment(
-            name="gpu", tags=["sslflow", "gpu"], job_variables={"env": {"CUDA_VISIBLE_DEVICES": "0"}},
-            parameters={"overrides": ["device=cuda", f"pipeline.gpu_limit={limit}"]},
-            description="train on a GPU host (one slot of the gpu concurrency limit per run)")))
+        limit, job_variables = gpu_settings(pp)
+        on_gpu = ["device=cuda", f"pipeline.gpu_limit={limit}"]
+        out += [
+            pretrain_gpu_deployment(pp, project_dir),
+            (pp.gpu_work_pool, train.to_deployment(
+                name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables, parameters={"overrides": on_gpu},
+                description="train on a GPU host (one slot of the gpu concurrency limit per run)")),
+            (pp.gpu_work_pool, tune.to_deployment(
+                name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables, parameters={"overrides": on_gpu},
+                description="hyperparameter search on a GPU host; several runs can share one study")),
+        ]
     return out
 
 
-def deploy_all(pp: Any, project_dir: Path = PROJECT_DIR, gpu: bool = False) -> dict[str, str]:
-    """Create (or update) the work pools, the GPU limit and the deployments; {name: id}."""
+def pretrain_gpu_deployment(pp: Any, project_dir: Path = PROJECT_DIR) -> tuple[str, Any]:
+    """`pretrain/gpu`: the train flow's pretraining on a GPU host. `host_overrides` and
+    `gpu_limit` are deployment parameters the train flow never sends, so they stay."""
+    from prefect import Flow
+
+    limit, job_variables = gpu_settings(pp)
+    pretrain = Flow.from_source(str(project_dir), "flows/pretrain.py:pretrain_flow")
+    return (pp.gpu_work_pool, pretrain.to_deployment(
+        name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
+        parameters={"host_overrides": ["device=cuda"], "gpu_limit": limit},
+        description="pretraining only, for the train flow (pipeline.pretrain_deployment=pretrain/gpu)"))
+
+
+def apply_deployments(pairs: list[tuple[str, Any]], gpu_limit: str | None = None) -> dict[str, str]:
+    """Create (or update) the work pools, the GPU limit (1 slot if new) and the deployments;
+    {flow/name: id}."""
     from prefect.deployments.runner import deploy
 
     from flows.retrain import ensure_limit
 
-    ids: dict[str, str] = {}
-    pairs = build_deployments(pp, project_dir, gpu)
     for pool in {p for p, _ in pairs}:
         ensure_work_pool(pool)
-    if gpu:
-        ensure_limit(pp.gpu_limit or "gpu", 1)
+    if gpu_limit:
+        ensure_limit(gpu_limit, 1)
+    ids: dict[str, str] = {}
     for pool, d in pairs:
         [dep_id] = deploy(d, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
                           ignore_warnings=True)
         ids[f"{d.flow_name}/{d.name}"] = str(dep_id)
     return ids
+
+
+def deploy_all(pp: Any, project_dir: Path = PROJECT_DIR, gpu: bool = False) -> dict[str, str]:
+    """`build_deployments` applied: the pools, the GPU limit and the deployments; {name: id}."""
+    return apply_deployments(build_deployments(pp, project_dir, gpu), gpu_settings(pp)[0] if gpu else None)

@@ -7,6 +7,10 @@ Every step is a task of `tasks/steps.py` around a plain function of `tasks/`. Th
 backend is checked before anything else (an unreachable server fails in one line naming
 the URI). The registered version is tagged with the number of train images and the data
 version it was trained on; `retrain` compares the champion's with the store's.
+
+With `pretrain_deployment` (or `pipeline.pretrain_deployment`), e.g. `pretrain/gpu`, the
+pretraining runs on that deployment's work pool (a GPU host) as a subflow run
+(`flows/pretrain.py`), logging into this flow's MLflow run; everything else stays here.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
                overrides: list[str] | None = None, run_name: str | None = None,
                runs_dir: str | None = None, reports_dir: str | None = None,
                protocols: list[str] | None = None, data_version: str | None = None,
-               progress_bar: bool = False) -> dict[str, Any]:
+               progress_bar: bool = False, pretrain_deployment: str | None = None) -> dict[str, Any]:
     """Pretrain, evaluate and register an encoder on the current store.
 
     `params_files` are applied in order over `params/*.yaml` (the last one also feeds the
     tracking and pipeline loaders); `overrides` are `--set` style `key=value` strings of any
     section. `protocols` None = `eval.protocols` (add `finetune` there to fine-tune too).
+    `pretrain_deployment` None = `pipeline.pretrain_deployment`; "" = pretrain in this process.
     """
     from sslflow.params import load_params
     from tasks.ingest import load_params as load_ingest_params
@@ -73,8 +78,13 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
                       tags={"train_images": train_images, "test_images": checked["test"]["images"]},
                       check=False) as run:
         logger.info("MLflow run %s on %s", run.run_id, uri)
-        result = pretrain_step(train, run_dir, params, eval_train=train, eval_test=test,
-                               callbacks=[run.callback()], progress_bar=progress_bar, gpu_limit=pp.gpu_limit)
+        remote = pp.pretrain_deployment if pretrain_deployment is None else pretrain_deployment
+        if remote:
+            result = _pretrain_remotely(remote, store_root, run_dir, files, list(overrides or []), run,
+                                        data_version, progress_bar)
+        else:
+            result = pretrain_step(train, run_dir, params, eval_train=train, eval_test=test,
+                                   callbacks=[run.callback()], progress_bar=progress_bar, gpu_limit=pp.gpu_limit)
         report = evaluate_step(run_dir, train, test, params, protocols)
         gx = [Path(c["report"]) for c in checked.values() if c.get("report")]
         with_retries(log_step, **io)(run, run_dir, params, report, train_store=train, test_store=test,
@@ -96,3 +106,16 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
             "model_name": decision.model_name, "model_version": decision.version,
             "decision": decision.decision, "reason": decision.reason, "train_images": train_images,
             "data_version": data_version}
+
+
+def _pretrain_remotely(deployment: str, store_root: Path, run_dir: Path, files: list[str], overrides: list[str],
+                       run: Any, data_version: str | None, progress_bar: bool) -> Any:
+    """Pretraining as a run of `deployment` (a subflow run of this one) into this flow's MLflow
+    run; the run records which deployment and flow run did it."""
+    from flows.pretrain import remote_parameters, run_remote_pretrain
+
+    params = remote_parameters(store_root, run_dir, files, overrides, tracking_uri=run.tracking_uri,
+                               mlflow_run_id=run.run_id, data_version=data_version, progress_bar=progress_bar)
+    result = run_remote_pretrain(deployment, params)
+    run.set_tags({"pretrain.deployment": deployment, "pretrain.flow_run": result.flow_run_name})
+    return result

@@ -44,6 +44,7 @@ class PipelineConfig:
     work_pool: str
     gpu_work_pool: str
     gpu_limit: str
+    pretrain_deployment: str  # "" = pretrain in the train flow's process; "flow/deployment" = run_deployment
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ def load_pipeline_params(params_file: str | Path | None = None, overrides: Itera
         raise UserError("pipeline.lock must name a concurrency limit")
     if len(p.cron.split()) != 5:
         raise UserError(f"pipeline.cron must be a 5-field cron expression; got {p.cron!r}")
+    if p.pretrain_deployment.strip() and p.pretrain_deployment.count("/") != 1:
+        raise UserError("pipeline.pretrain_deployment must name a deployment as flow/deployment "
+                        f"(e.g. pretrain/gpu) or be empty; got {p.pretrain_deployment!r}")
     return pp
 
 

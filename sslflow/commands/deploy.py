@@ -1,9 +1,11 @@
-"""`sslflow deploy`: create the Prefect deployments (retrain on a cron schedule, train on demand).
+"""`sslflow deploy`: create the Prefect deployments (retrain on a cron schedule, train and tune
+on demand; with --gpu also pretrain/gpu, train/gpu and tune/gpu on the GPU work pool).
 
 Needs a Prefect server (`prefect server start`, then `PREFECT_API_URL=http://127.0.0.1:4200/api`).
 The schedule, work pool names and GPU limit come from params/pipeline.yaml. Then run a
-worker in this checkout: `prefect worker start --pool sslflow-process`. Same set as
-`prefect deploy --all` with prefect.yaml. See docs/orchestration.md.
+worker in this checkout: `prefect worker start --pool sslflow-process` (and one per GPU host:
+`--pool sslflow-gpu`). With --gpu, the same set as `prefect deploy --all` with prefect.yaml.
+See docs/orchestration.md and docs/scaling-gpu-pool.md.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from sslflow.commands.common import add_params_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("deploy", help="create the Prefect deployments (scheduled retrain, on-demand train)",
+    p = sub.add_parser("deploy", help="create the Prefect deployments (scheduled retrain, on-demand train and tune)",
                        description=__doc__)
-    p.add_argument("--gpu", action="store_true", help="also train/gpu on pipeline.gpu_work_pool")
+    p.add_argument("--gpu", action="store_true",
+                   help="also pretrain/gpu, train/gpu and tune/gpu on pipeline.gpu_work_pool")
     add_params_arguments(p)
     p.set_defaults(func=run)
 
@@ -40,4 +43,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"deployment {name}: {dep_id}")
     print(f"schedule: retrain/nightly at '{pp.cron}' ({pp.timezone}); start a worker here: "
           f"prefect worker start --pool {pp.work_pool}")
+    if args.gpu:
+        print(f"GPU hosts: prefect worker start --pool {pp.gpu_work_pool} (in a checkout on each); pretrain there "
+              "from the train flow with --set pipeline.pretrain_deployment=pretrain/gpu")
     return 0
