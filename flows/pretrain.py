@@ -35,7 +35,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
-from sslflow.errors import UserError
+from sslflow.errors import RemotePretrainFailed, UserError
 
 DEFAULT_EVAL_SPLITS = ("train", "test")
 STALL_WARNING_S = 120.0  # a remote run still Scheduled/Pending this long: probably no worker on its pool
@@ -213,10 +213,6 @@ def pretrain_flow(store: str, run_dir: str, params_files: list[str] | None = Non
 
 
 # ------------------------------------------------------------------------------------ caller side
-class RemotePretrainFailed(RuntimeError):
-    """The deployment's flow run did not complete, or its outputs are not visible here."""
-
-
 @dataclass(frozen=True)
 class RemotePretrain:
     """What the train flow needs from a remote pretraining (the `PretrainResult` fields it uses)."""

@@ -24,11 +24,22 @@ import flows  # noqa: F401  (environment defaults before Prefect is imported)
 
 
 @task(name="tune", cache_policy=NO_CACHE)
-def tune_step(store: str, params_files: list[str], overrides: list[str], **kwargs: Any) -> Any:
+def tune_step(store: str, params_files: list[str], overrides: list[str], gpu_limit: str = "", **kwargs: Any) -> Any:
+    """`tasks.tune.tune`; with `gpu_limit` the study holds one slot of that global
+    concurrency limit (one GPU) while its trials run one after the other."""
+    from contextlib import nullcontext
+
     from tasks.tune import tune
 
     logger = get_run_logger()
-    return tune(store, params_files, overrides, log=logger.info, **kwargs)
+    if gpu_limit:
+        from prefect.concurrency.sync import concurrency
+
+        slot = concurrency(gpu_limit, occupy=1, strict=True)
+    else:
+        slot = nullcontext()
+    with slot:
+        return tune(store, params_files, overrides, log=logger.info, **kwargs)
 
 
 @flow(name="tune", log_prints=True)
@@ -55,8 +66,8 @@ def tune_flow(trials: int | None = None, study: str | None = None, storage: str 
     for split in ("train", "test"):
         validate_step(store_root / split, data_params, Path(pp.reports))
 
-    result = tune_step(str(store_root), files, overrides, trials=trials, study=study, storage=storage,
-                       timeout_s=timeout_s, output=output)
+    result = tune_step(str(store_root), files, overrides, gpu_limit=pp.gpu_limit, trials=trials, study=study,
+                       storage=storage, timeout_s=timeout_s, output=output)
     summary: dict[str, Any] = {"tune": result.to_dict(), "trained": False}
     train_best = cfg.train_best if train_best is None else train_best
     trained: dict[str, Any] = {}

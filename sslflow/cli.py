@@ -13,7 +13,7 @@ import os
 import sys
 
 from sslflow import __version__
-from sslflow.errors import UserError
+from sslflow.errors import RemotePretrainFailed, UserError
 
 COMMAND_MODULES = ("run", "ingest", "validate", "pretrain", "evaluate", "tune", "promote", "retrain", "deploy", "ui")
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"sslflow {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, RemotePretrainFailed) as e:
         print(f"sslflow {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
