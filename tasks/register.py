@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sslflow.errors import UserError
-from tasks.track import PromotionConfig, TrackedRun, TrackingParams
+from tasks.track import PromotionConfig, TrackedRun, TrackingParams, artifact_store_errors
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 ARTIFACT = "encoder"
@@ -92,8 +92,11 @@ def log_encoder(run_dir: str | Path, *, test_store: Any = None, run_id: str | No
     if run_id is None or (active is not None and active.info.run_id == run_id):
         if active is None:
             raise RuntimeError("log_encoder needs an active MLflow run or run_id")
-        return mlflow.pytorch.log_model(encoder, **kwargs)
-    with mlflow.start_run(run_id=run_id):
+        run_id = active.info.run_id
+        with artifact_store_errors(mlflow.get_tracking_uri(), f"logging the encoder to MLflow run {run_id}"):
+            return mlflow.pytorch.log_model(encoder, **kwargs)
+    with mlflow.start_run(run_id=run_id), \
+            artifact_store_errors(mlflow.get_tracking_uri(), f"logging the encoder to MLflow run {run_id}"):
         return mlflow.pytorch.log_model(encoder, **kwargs)
 
 

@@ -320,10 +320,82 @@ class TrackedRun:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with artifact_store_errors(self.tracking_uri, f"logging {path.name} to MLflow run {self.run_id}"):
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            elif path.is_file():
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+# ------------------------------------------------------------------------------------ artifact store outages
+S3_ENDPOINT_VARS = ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def _refuses_connections(url: str, timeout: float = 2.0) -> bool:
+    import socket
+
+    parts = urllib.parse.urlparse(url)
+    if not parts.hostname:
+        return False
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError:
+        return True
+    return False
+
+
+def _server_answers(uri: str, timeout: float = 3.0) -> bool:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, TimeoutError, OSError):
+        return False
+
+
+def artifact_store_error(uri: str, error: BaseException, what: str) -> UserError | None:
+    """A one-line `UserError` when `error` is a failed artifact transfer, else None (anything
+    else is a bug or another outage and keeps its traceback).
+
+    With proxied artifacts (`mlflow server --artifacts-destination s3://...`) the client talks
+    only to `<server>/api/2.0/mlflow-artifacts/...`; when the server's object store is down the
+    server answers HTTP 500 (no reason in the body) or drops the connection, and MLflow's
+    message names neither the store nor what to do. So: a server that still answers
+    `/health` could not reach its artifact store; one that does not is itself down. When an
+    S3 endpoint is configured in this process (`MLFLOW_S3_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`,
+    `AWS_ENDPOINT_URL`), the message names it too, and whether it refuses connections. This runs after
+    MLflow's own HTTP retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`): the outage is not a blip.
+    """
+    text = str(error)
+    proxied = "/mlflow-artifacts/" in text
+    direct = type(error).__name__ in ("EndpointConnectionError", "ConnectTimeoutError")  # botocore, S3 direct
+    if not (proxied or direct):
+        return None
+    endpoint = next((os.environ[v] for v in S3_ENDPOINT_VARS if os.environ.get(v)), None)
+    down = ""
+    if endpoint:  # SeaweedFS, MinIO... keep the port open while their backends are gone: name it either way
+        down = f"; S3 endpoint {endpoint} " + ("refuses connections" if _refuses_connections(endpoint)
+                                              else "accepts connections but fails requests")
+    if direct:
+        where = f"the artifact store of {uri} is unreachable ({text.splitlines()[0][:200]})"
+    elif _server_answers(uri):
+        where = f"the MLflow server {uri} could not reach its artifact store"
+    else:
+        where = f"the MLflow server {uri} stopped answering"
+    return UserError(f"{what} failed: {where}{down}. The run is marked FAILED; registered versions, "
+                     "aliases and the data store are unchanged: rerun when the service is back")
+
+
+@contextmanager
+def artifact_store_errors(uri: str, what: str) -> Iterator[None]:
+    """Turn an artifact-store outage inside the block into `artifact_store_error`'s one line."""
+    try:
+        yield
+    except Exception as e:
+        err = artifact_store_error(uri, e, what)
+        if err is None:
+            raise
+        raise err from e
 
 
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:

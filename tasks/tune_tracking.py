@@ -25,6 +25,7 @@ from tasks.track import (
     TrackingConfig,
     _pyplot,
     _save,
+    artifact_store_errors,
     flat_params,
     get_or_create_experiment,
     run_tags,
@@ -116,14 +117,14 @@ class StudyTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(parent_id, metrics=[Metric(k, v, now, finished) for k, v in metrics.items()],
                               tags=[RunTag(k, v) for k, v in tags.items()])
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, artifact_store_errors(self.uri, "the study's plots"):
             out = Path(tmp)
             (out / "trials.json").write_text(json.dumps(_trials_table(trials), indent=1, default=str))
             for path in plot_study(study, out, log):
                 self.client.log_artifact(parent_id, str(path), "tune")
             self.client.log_artifact(parent_id, str(out / "trials.json"), "tune")
-        if best_file is not None and best_file.is_file():
-            self.client.log_artifact(parent_id, str(best_file), "tune")
+            if best_file is not None and best_file.is_file():
+                self.client.log_artifact(parent_id, str(best_file), "tune")
 
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

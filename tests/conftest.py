@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from services import native_stack, postgres_service, postgres_url, stack  # noqa: F401 (fixtures for all tests)
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
