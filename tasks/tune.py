@@ -323,6 +323,7 @@ class Objective:
             result = trainer.fit()
         except optuna.TrialPruned as e:
             mlflow_cb.flush()
+            self.log(f"trial {trial.number}: pruned ({e})")
             self.tracker.end_trial(run_id, "PRUNED", reason=str(e))
             self._drop_checkpoints(run_dir)
             raise
@@ -330,6 +331,7 @@ class Objective:
             mlflow_cb.flush()
             self.tracker.end_trial(run_id, "PRUNED", reason=f"diverged: {e}")
             trial.set_user_attr("diverged", True)
+            self.log(f"trial {trial.number}: pruned (diverged)")
             raise optuna.TrialPruned(f"diverged: {e}") from None
         except KeyboardInterrupt:
             self._requeue(trial)  # resumed from its checkpoint by the next run of the study
@@ -339,6 +341,7 @@ class Objective:
             self.tracker.end_trial(run_id, "FAIL", reason=f"{type(e).__name__}: {e}")
             raise
         value = float(result.metrics["knn_top1"])
+        self.log(f"trial {trial.number}: kNN top-1 {value:.2f} after {cfg.budget_epochs} epochs")
         mlflow_cb.flush()
         self.tracker.end_trial(run_id, "COMPLETE", value=value)
         self._drop_checkpoints(run_dir)
