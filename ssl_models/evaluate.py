@@ -493,15 +493,16 @@ def _labeled(store: ImageStore, name: str) -> tuple[np.ndarray, np.ndarray, int]
     return images, labels, dropped
 
 
-def _map_test_labels(train: ImageStore, test: ImageStore, test_labels: np.ndarray) -> np.ndarray:
-    """Test labels as indices into the train class list, matched by class name."""
+def map_test_labels(train: ImageStore, test: ImageStore, test_labels: np.ndarray) -> np.ndarray:
+    """Test labels as indices into the train class list, matched by class name (two stores
+    number their classes independently: in the order each first saw them). -1 stays -1."""
     index = {name: i for i, name in enumerate(train.classes)}
-    used = np.unique(test_labels)
+    used = np.unique(test_labels[test_labels >= 0])
     missing = [test.classes[i] for i in used if test.classes[i] not in index]
     if missing:
         raise EvaluationError(f"test set has labeled images of classes absent from the train set: {missing}")
-    lookup = np.array([index.get(name, -1) for name in test.classes], dtype=np.int64)
-    return lookup[test_labels]
+    lookup = np.array([index.get(name, -1) for name in test.classes] + [-1], dtype=np.int64)
+    return lookup[test_labels]  # label -1 (unlabeled) picks the trailing -1
 
 
 def _describe(protocol: str, cfg: EvalConfig, num_classes: int, num_train: int) -> str:
@@ -545,7 +546,7 @@ def evaluate(encoder: nn.Module, train: ImageStore, test: ImageStore, protocols:
                               f"test images are {test.height}x{test.width}")
     x_train, y_train, dropped_train = _labeled(train, "train")
     x_test, y_test, dropped_test = _labeled(test, "test")
-    y_test = _map_test_labels(train, test, y_test)
+    y_test = map_test_labels(train, test, y_test)
     num_classes = len(train.classes)
 
     metrics: dict[str, float] = {}

@@ -44,7 +44,7 @@ from ssl_models.checkpoint import (
     set_rng_state,
 )
 from ssl_models.config import Params, as_dict, flatten
-from ssl_models.evaluate import extract_features, knn_classify
+from ssl_models.evaluate import extract_features, knn_classify, map_test_labels
 from ssl_models.methods import METHODS, SSLMethod
 from ssl_models.optim import WarmupCosine, build_optimizer
 from ssl_models.store import DeviceBatches, ImageStore
@@ -400,8 +400,10 @@ class Pretrainer:
         if stores is None:
             return None
         out: dict[str, torch.Tensor] = {}
+        bank = stores[0]
         for name, store in zip(("train", "test"), stores, strict=True):
-            labels = torch.from_numpy(store.labels())
+            labels = torch.from_numpy(store.labels() if store is bank
+                                      else map_test_labels(bank, store, store.labels()))
             keep = labels >= 0
             if not bool(keep.any()):
                 raise ValueError(f"online kNN: {store.root} has no labeled images")

@@ -110,6 +110,35 @@ def test_an_unreachable_storage_is_one_line_and_trains_nothing(demo_stores, tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_holdout_stores_keep_the_train_class_numbering(demo_stores, tmp_path: Path) -> None:
+    from ssl_models.store import ImageStore
+    from tasks.tune import objective_stores
+
+    train = ImageStore.open(demo_stores["train"])
+    bank, queries = objective_stores(train, ImageStore.open(demo_stores["test"]), 0.25, 0, tmp_path)
+    assert bank.classes == queries.classes == train.classes
+    names = [train.classes[i] for i in train.labels()]
+    assert sorted(names) == sorted([bank.classes[i] for i in bank.labels()] +
+                                   [queries.classes[i] for i in queries.labels()])
+    assert len(queries) == 4 * len(train.classes)  # 25 % of 16 per class
+
+
+def test_online_knn_matches_classes_by_name_not_by_index(demo_stores, tmp_path: Path) -> None:
+    """A query store that numbers its classes in another order gets the same kNN accuracy."""
+    from ssl_models.store import ImageStore
+    from ssl_models.train import Pretrainer
+
+    train, test = ImageStore.open(demo_stores["train"]), ImageStore.open(demo_stores["test"])
+    reordered = ImageStore.create(tmp_path / "reordered", test.height, test.width)
+    reordered.publish([], list(reversed(test.classes)))
+    reordered.add(test.images(), [test.classes[i] for i in test.labels()])
+    assert reordered.classes != train.classes
+    params = load_params(None, FAST)
+    knn = [Pretrainer(train, params, tmp_path / f"r{i}", eval_stores=(train, t), progress_bar=False).online_knn()
+           for i, t in enumerate((test, reordered))]
+    assert knn[0] == knn[1]
+
+
 # ------------------------------------------------------------------------------------ studies
 def test_tiny_study_logs_nested_runs_and_writes_the_best_params(demo_stores, tmp_path: Path) -> None:
     root = demo_stores["train"].parent
