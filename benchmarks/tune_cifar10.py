@@ -6,8 +6,8 @@ profile's default configuration, same budget, same seed.
     python benchmarks/tune_cifar10.py --device cpu --subset 2000 --trials 3 --budget 1 \\
         --set pretrain.width=8 --set pretrain.batch_size=128            # CPU smoke run
 
-The default configuration is enqueued as trial 0, so it is trained under exactly the same
-conditions as the sampled ones (it is never pruned: it is the pruner's first baseline). Both
+The default configuration is trial 0 (`tune.baseline_trial`), so it is trained under exactly
+the same conditions as the sampled ones (it is never pruned: it is the pruner's first baseline). Both
 are then scored by kNN on the **test** split (the objective itself only sees a held-out part
 of the train split). Prints a markdown table and writes JSON into --work.
 """
@@ -27,7 +27,6 @@ from accuracy import stores  # benchmarks/ is on sys.path when run as a script
 from sslflow.params import PARAMS_DIR, load_params
 from tasks.evaluate import evaluate
 from tasks.tune import tune
-from tasks.tune_space import base_values, load_tune_params
 
 
 def main() -> None:
@@ -54,12 +53,7 @@ def main() -> None:
     study = f"cifar10-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = f"sqlite:///{args.work / 'optuna.db'}"
 
-    # trial 0 = the profile's own values for every searched key
-    base = base_values([profile], engine)
-    space = load_tune_params(profile, tune_ov).space
-    default = {d.param: _value(base, d.param) for d in space if d.applies_to(args.method)}
-    optuna.create_study(study_name=study, storage=storage, direction="maximize").enqueue_trial(default)
-
+    # trial 0 is the profile's own configuration (tune.baseline_trial), trained like the others
     t0 = time.perf_counter()
     result = tune(root, [profile], [*engine, *tune_ov], trials=args.trials, study=study, storage=storage,
                   output=args.work / f"{study}.yaml", runs_dir=args.work / "runs")
@@ -84,13 +78,6 @@ def main() -> None:
     print("| configuration | values | objective kNN (held-out train) | test kNN |\n| --- | --- | ---: | ---: |")
     for r in rows:
         print(f"| {r['configuration']} | {r['values']} | {r['objective_knn_top1']} | {r['test_knn_top1']} |")
-
-
-def _value(base: dict, param: str):
-    if param.endswith("]"):
-        key, index = param[:-1].split("[")
-        return base[key][int(index)]
-    return base[param]
 
 
 def _short(v):

@@ -39,6 +39,7 @@ from tasks.tune_space import (
     TuneConfig,
     TuneParams,
     as_overrides,
+    base_point,
     base_values,
     load_tune_params,
     sample,
@@ -438,6 +439,8 @@ def tune(store: str | Path, params_files: Sequence[str | Path] = (), overrides: 
                                      int(base["seed"]), study_dir)
     with _quiet_optuna():
         study_obj, created = open_study(name, opened, cfg)
+        if created and cfg.baseline_trial:  # the current configuration, under the same budget
+            study_obj.enqueue_trial(base_point(tp.space, base), user_attrs={"baseline": True})
     tracker = StudyTracker(tracking, uri)
     config = {**asdict(cfg), "trials": trials, "timeout_s": timeout, "study": name, "storage": label,
               "space": {d.name: d.param for d in tp.space}}

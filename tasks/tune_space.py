@@ -35,6 +35,7 @@ class TuneConfig:
     trials: int
     timeout_s: float
     budget_epochs: int
+    baseline_trial: bool
     holdout_fraction: float
     sampler: str
     sampler_seed: int
@@ -205,6 +206,19 @@ def sample(trial: Any, space: Sequence[SearchDim], base_method: str) -> dict[str
         if dim.param != "pretrain.method" and dim.applies_to(method):
             values[dim.param] = dim.suggest(trial)
     return values
+
+
+def base_point(space: Sequence[SearchDim], base: Mapping[str, Any]) -> dict[str, Any]:
+    """The base configuration's value of every dimension that applies to its method (what
+    `tune.baseline_trial` enqueues as the study's first trial)."""
+    method = str(base["pretrain.method"])
+    point = {}
+    for dim in space:
+        if not dim.applies_to(method) and dim.param != "pretrain.method":
+            continue
+        m = _INDEXED.match(dim.param)
+        point[dim.param] = base[m["key"]][int(m["index"])] if m else base[dim.param]
+    return point
 
 
 def as_overrides(values: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:

@@ -149,6 +149,10 @@ def test_tiny_study_logs_nested_runs_and_writes_the_best_params(demo_stores, tmp
     best = study.best_trial
     assert result.best_value == best.value and result.best_params == best.params
     assert {t.user_attrs["seed"] for t in study.trials} == {load_params(None, FAST).seed}  # fixed, recorded
+    base = load_params(None, FAST)
+    assert study.trials[0].user_attrs["baseline"] and study.trials[0].params == {  # the current configuration
+        "pretrain.temperature": base.pretrain.temperature, "augment.strength": base.augment.strength,
+        "augment.crop_scale[0]": base.augment.crop_scale[0]}
     assert all(set(t.intermediate_values) == {1} for t in study.trials)  # each epoch's kNN was reported
 
     tuned = load_params(result.output, FAST)  # the best params file is a params file
