@@ -499,11 +499,17 @@ class BatchAugment:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        return self.apply(images, self.draw(images.shape[0], generator, images.device))
+
+    def draw(self, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """The call's single random draw: (len(views), batch, NUM_UNIFORMS) uniforms."""
+        return torch.rand((len(self.plans), batch, NUM_UNIFORMS), generator=generator, device=device)
+
+    @torch.no_grad()
+    def apply(self, images: torch.Tensor, u: torch.Tensor) -> list[torch.Tensor]:
+        """The views of uint8 `images` from their uniforms `u` (a pure function of both)."""
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images, got {images.dtype}")
-        u = torch.rand(
-            (len(self.plans), images.shape[0], NUM_UNIFORMS), generator=generator, device=images.device
-        )
         # float32 throughout, even if the caller forgot to leave an autocast region
         with torch.autocast(images.device.type, enabled=False):
             x = to_float(images)

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from ssl_models import distributed
-from ssl_models.augment import NUM_UNIFORMS, BatchAugment, normalize, to_float
+from ssl_models.augment import BatchAugment
 from ssl_models.backbones import SSLResNet, build_backbone
 from ssl_models.checkpoint import (
     atomic_save,
@@ -109,17 +109,9 @@ class ShardedAugment(BatchAugment):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        if self.world_size == 1:
-            return super().__call__(images, generator)
-        if images.dtype != torch.uint8:
-            raise TypeError(f"expected uint8 images, got {images.dtype}")
         b = images.shape[0]
-        u = torch.rand((len(self.plans), b * self.world_size, NUM_UNIFORMS), generator=generator,
-                       device=images.device)[:, self.rank * b:(self.rank + 1) * b]
-        with torch.autocast(images.device.type, enabled=False):  # as BatchAugment.__call__
-            x = to_float(images)
-            return [normalize(self._view_fn(x, u[i], plan), self.cfg.mean, self.cfg.std)
-                    for i, plan in enumerate(self.plans)]
+        u = self.draw(b * self.world_size, generator, images.device)
+        return self.apply(images, u[:, self.rank * b:(self.rank + 1) * b])
 
 
 def build_method(params: Params, device: torch.device) -> SSLMethod:

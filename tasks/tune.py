@@ -28,8 +28,8 @@ import random
 import shutil
 import socket
 import time
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,20 +122,16 @@ def open_storage(url: str, cfg: TuneConfig, attempts: int = 4) -> Any:
     raise AssertionError("unreachable")
 
 
-class _quiet_optuna:
-    """Optuna warns that heartbeats are experimental on every storage it opens."""
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna warns that heartbeats, retries and constant_liar are experimental, every time."""
+    import warnings
 
-    def __enter__(self) -> None:
-        import warnings
+    from optuna.exceptions import ExperimentalWarning
 
-        from optuna.exceptions import ExperimentalWarning
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=ExperimentalWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._w.__exit__(*exc)
+        yield
 
 
 def _first_line(e: BaseException) -> str:
@@ -488,10 +484,10 @@ def _finished(study: Any) -> int:
 
 def summarize(study: Any, target: int, label: str, trials_here: list[int], parent: str | None,
               uri: str | None, interrupted: bool = False) -> TuneResult:
-    from tasks.tune_tracking import _best_trial
+    from tasks.tune_tracking import best_trial
 
     counts = count_states(study)
-    best = _best_trial(study)
+    best = best_trial(study)
     return TuneResult(study=study.study_name, storage=label, target_trials=target,
                       complete=counts.get("COMPLETE", 0), pruned=counts.get("PRUNED", 0),
                       failed=counts.get("FAIL", 0), best_value=None if best is None else float(best.value),

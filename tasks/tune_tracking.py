@@ -108,7 +108,7 @@ class StudyTracker:
         finished = counts["complete"] + counts["pruned"]
         metrics = {f"trials_{k}": float(v) for k, v in counts.items()}
         tags: dict[str, str] = {}
-        best = _best_trial(study)
+        best = best_trial(study)
         if best is not None:
             metrics["best_knn_top1"] = float(best.value)
             tags = {"best.trial": str(best.number), **{f"best.{mlflow_key(k)}": str(v) for k, v in best.params.items()}}
@@ -139,7 +139,7 @@ def mlflow_key(param: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", param)
 
 
-def _best_trial(study: Any) -> Any:
+def best_trial(study: Any) -> Any:
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]

@@ -40,6 +40,18 @@ FAST = [
 ]
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors on 2 shared cores: intra-op threads only add contention (several times
+    slower). Per module, with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fast_params(*overrides: str):
     from sslflow.params import load_params
 

@@ -12,13 +12,7 @@ from ssl_models.losses import byol_loss, dino_loss, info_nce_loss, nt_xent_loss
 DTYPES = [torch.float64, torch.float32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention (2 shared cores); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tol(dtype: torch.dtype) -> dict[str, float]:

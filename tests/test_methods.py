@@ -62,13 +62,7 @@ def is_target(name: str, method_name: str) -> bool:
     return any(name.startswith(t + ".") for t, _ in MOMENTUM_PAIRS[method_name])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention (2 shared cores); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(params=sorted(MOMENTUM_PAIRS))
