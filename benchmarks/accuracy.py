@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ssl_models.store import ImageStore, store_from_folder
-from sslflow.params import PARAMS_DIR, load_params
-from tasks.evaluate import evaluate
-from tasks.pretrain import pretrain
+from sslflow.core.settings import PARAMS_DIR, load_params
+from sslflow.ssl_models.store import ImageStore, store_from_folder
+from sslflow.tasks.training.evaluate import evaluate
+from sslflow.tasks.training.pretrain import pretrain
 
 ARCHIVE = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
 
 
 def cpu_model() -> str:
@@ -49,7 +49,7 @@ def main() -> int:
         print(f"CIFAR-10 archive not found at {args.archive}", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))
-    from tasks.ingest import ingest, load_params
+    from sslflow.tasks.data.ingest import ingest, load_params
 
     with tempfile.TemporaryDirectory(prefix="sslflow-bench-") as tmp:
         work = Path(tmp)

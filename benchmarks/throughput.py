@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ssl_models.store import ImageStore, store_from_folder
-from ssl_models.train import Pretrainer, build_method
-from sslflow.params import load_params
+from sslflow.core.settings import load_params
+from sslflow.ssl_models.store import ImageStore, store_from_folder
+from sslflow.ssl_models.train import Pretrainer, build_method
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"

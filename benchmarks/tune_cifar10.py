@@ -24,9 +24,9 @@ import optuna
 import torch
 from accuracy import stores  # benchmarks/ is on sys.path when run as a script
 
-from sslflow.params import PARAMS_DIR, load_params
-from tasks.evaluate import evaluate
-from tasks.tune import tune
+from sslflow.core.settings import PARAMS_DIR, load_params
+from sslflow.tasks.training.evaluate import evaluate
+from sslflow.tasks.tuning.study import tune
 
 
 def main() -> None:

@@ -23,8 +23,6 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401
-
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -97,7 +95,7 @@ def apply_deployments(pairs: list[tuple[str, Any]], gpu_limit: str | None = None
     {flow/name: id}."""
     from prefect.deployments.runner import deploy
 
-    from flows.retrain import ensure_limit
+    from sslflow.flows.retrain import ensure_limit
 
     for pool in {p for p, _ in pairs}:
         ensure_work_pool(pool)

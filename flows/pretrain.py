@@ -34,8 +34,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-import flows  # noqa: F401  (environment defaults before Prefect is imported)
-from sslflow.errors import RemotePretrainFailed, UserError
+from sslflow.core.errors import RemotePretrainFailed, UserError
 
 DEFAULT_EVAL_SPLITS = ("train", "test")
 STALL_WARNING_S = 120.0  # a remote run still Scheduled/Pending this long: probably no worker on its pool
@@ -66,7 +65,7 @@ def ensure_store(store_root: str | Path, splits: list[str], data_version: str | 
     from the DVC remote through `<store>.dvc` when that file records the version asked for.
     Every other case is a `UserError` naming the path: nothing is trained on the wrong data.
     """
-    from tasks.pipeline import store_data_version
+    from sslflow.tasks.pipeline.decisions import store_data_version
 
     root = Path(store_root)
     recorded = store_data_version(root)
@@ -92,7 +91,7 @@ def dvc_pull(dvc_file: Path) -> None:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    from tasks.versioning import find_repo_root
+    from sslflow.tasks.data.versioning import find_repo_root
 
     repo_root = find_repo_root(dvc_file.parent)
     if repo_root is None:
@@ -123,7 +122,7 @@ def attach_mlflow_run(tracking_uri: str, run_id: str, flush_every: int, timeout_
     from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
-    from tasks.track import MLflowCallback, check_tracking_server
+    from sslflow.tasks.tracking.track import MLflowCallback, check_tracking_server
 
     check_tracking_server(tracking_uri, timeout_s)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -142,7 +141,7 @@ def device_tags(params: Any) -> dict[str, str]:
     """Where the pretraining really runs (the train flow tagged its own host's device)."""
     import torch
 
-    from ssl_models.train import resolve_device
+    from sslflow.ssl_models.train import resolve_device
 
     tags = {"pretrain.host": socket.gethostname()}
     try:
@@ -172,10 +171,10 @@ def pretrain_flow(store: str, run_dir: str, params_files: list[str] | None = Non
     """
     from prefect.runtime import flow_run
 
-    from sslflow.params import load_params
-    from tasks.pipeline import load_pipeline_params, partition_overrides
-    from tasks.steps import pretrain_step
-    from tasks.track import load_tracking_params, resolve_tracking_uri
+    from sslflow.core.settings import load_params
+    from sslflow.tasks.pipeline.decisions import load_pipeline_params, partition_overrides
+    from sslflow.tasks.pipeline.steps import pretrain_step
+    from sslflow.tasks.tracking.track import load_tracking_params, resolve_tracking_uri
 
     logger = get_run_logger()
     files = [str(f) for f in params_files or []]

@@ -1,6 +1,6 @@
 """The `retrain` flow (the scheduled one): ingest `data/incoming` -> validate -> train if enough is new.
 
-    from flows.retrain import retrain_flow
+    from sslflow.flows.retrain import retrain_flow
     retrain_flow()                 # params/pipeline.yaml: min_new_images, force, lock, ...
     retrain_flow(force=True)
 
@@ -23,8 +23,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
-
-import flows  # noqa: F401  (environment defaults before Prefect is imported)
 
 NOTHING_TO_DO, SKIPPED = "NothingToDo", "Skipped"
 
@@ -54,9 +52,9 @@ def retrain_flow(incoming: str | None = None, store: str | None = None, params_f
     None = the value in `params/pipeline.yaml` (section `pipeline`)."""
     from prefect.concurrency.sync import concurrency
 
-    from flows.train import train_flow
-    from tasks.ingest import load_params as load_ingest_params
-    from tasks.pipeline import (
+    from sslflow.flows.train import train_flow
+    from sslflow.tasks.data.ingest import load_params as load_ingest_params
+    from sslflow.tasks.pipeline.decisions import (
         champion_version,
         load_pipeline_params,
         markdown_report,
@@ -64,8 +62,8 @@ def retrain_flow(incoming: str | None = None, store: str | None = None, params_f
         retrain_decision,
         trained_on,
     )
-    from tasks.steps import ingest_step, validate_step, with_retries
-    from tasks.track import check_tracking_server, load_tracking_params, resolve_tracking_uri
+    from sslflow.tasks.pipeline.steps import ingest_step, validate_step, with_retries
+    from sslflow.tasks.tracking.track import check_tracking_server, load_tracking_params, resolve_tracking_uri
 
     logger = get_run_logger()
     overrides = list(overrides or [])
@@ -103,7 +101,7 @@ def retrain_flow(incoming: str | None = None, store: str | None = None, params_f
         return finish(SKIPPED, f"skipped: another retrain run holds the {pp.lock!r} slot "
                                f"(waited {pp.lock_timeout_s:g} s)", {})
     try:
-        from tasks.pipeline import train_image_count
+        from sslflow.tasks.pipeline.decisions import train_image_count
 
         champ = champion_version(tp)
         decision = retrain_decision(train_image_count(store_root), trained_on(champ), min_new, force=force,

@@ -1,6 +1,6 @@
 """The `train` flow: validate the store -> pretrain -> evaluate -> log -> register -> promotion gate.
 
-    from flows.train import train_flow
+    from sslflow.flows.train import train_flow
     summary = train_flow(store="data/store", params_files=["params/profiles/demo.yaml"])
 
 Every step is a task of `tasks/steps.py` around a plain function of `tasks/`. The MLflow
@@ -22,8 +22,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-import flows  # noqa: F401  (environment defaults before Prefect is imported)
-
 
 @flow(name="train", log_prints=True)
 def train_flow(store: str | None = None, params_files: list[str] | None = None,
@@ -38,10 +36,15 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
     section. `protocols` None = `eval.protocols` (add `finetune` there to fine-tune too).
     `pretrain_deployment` None = `pipeline.pretrain_deployment`; "" = pretrain in this process.
     """
-    from sslflow.params import load_params
-    from tasks.ingest import load_params as load_ingest_params
-    from tasks.pipeline import load_pipeline_params, markdown_report, partition_overrides, store_data_version
-    from tasks.steps import (
+    from sslflow.core.settings import load_params
+    from sslflow.tasks.data.ingest import load_params as load_ingest_params
+    from sslflow.tasks.pipeline.decisions import (
+        load_pipeline_params,
+        markdown_report,
+        partition_overrides,
+        store_data_version,
+    )
+    from sslflow.tasks.pipeline.steps import (
         evaluate_step,
         log_step,
         pretrain_step,
@@ -50,7 +53,12 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
         validate_step,
         with_retries,
     )
-    from tasks.track import check_tracking_server, load_tracking_params, resolve_tracking_uri, tracking_run
+    from sslflow.tasks.tracking.track import (
+        check_tracking_server,
+        load_tracking_params,
+        resolve_tracking_uri,
+        tracking_run,
+    )
 
     logger = get_run_logger()
     files = [str(f) for f in params_files or []]
@@ -112,7 +120,7 @@ def _pretrain_remotely(deployment: str, store_root: Path, run_dir: Path, files: 
                        run: Any, data_version: str | None, progress_bar: bool) -> Any:
     """Pretraining as a run of `deployment` (a subflow run of this one) into this flow's MLflow
     run; the run records which deployment and flow run did it."""
-    from flows.pretrain import remote_parameters, run_remote_pretrain
+    from sslflow.flows.pretrain import remote_parameters, run_remote_pretrain
 
     params = remote_parameters(store_root, run_dir, files, overrides, tracking_uri=run.tracking_uri,
                                mlflow_run_id=run.run_id, data_version=data_version, progress_bar=progress_bar)

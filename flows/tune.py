@@ -1,6 +1,6 @@
 """The `tune` flow: validate the store -> Optuna study -> best params file -> train the best.
 
-    from flows.tune import tune_flow
+    from sslflow.flows.tune import tune_flow
     tune_flow(trials=20, params_files=["params/profiles/demo.yaml"])
 
 The study is the `tune` task around `tasks.tune.tune` (see there for storage, heartbeats,
@@ -20,8 +20,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-import flows  # noqa: F401  (environment defaults before Prefect is imported)
-
 
 @task(name="tune", cache_policy=NO_CACHE)
 def tune_step(store: str, params_files: list[str], overrides: list[str], gpu_limit: str = "", **kwargs: Any) -> Any:
@@ -29,7 +27,7 @@ def tune_step(store: str, params_files: list[str], overrides: list[str], gpu_lim
     concurrency limit (one GPU) while its trials run one after the other."""
     from contextlib import nullcontext
 
-    from tasks.tune import tune
+    from sslflow.tasks.tuning.study import tune
 
     logger = get_run_logger()
     if gpu_limit:
@@ -49,11 +47,11 @@ def tune_flow(trials: int | None = None, study: str | None = None, storage: str 
               store: str | None = None, output: str | None = None) -> dict[str, Any]:
     """Search `tune.space` for `trials` finished trials, then (optionally) train the best.
     None = the value in `params/tune.yaml` / `params/pipeline.yaml`."""
-    from flows.train import train_flow
-    from tasks.ingest import load_params as load_ingest_params
-    from tasks.pipeline import load_pipeline_params, markdown_report, partition_overrides
-    from tasks.steps import validate_step
-    from tasks.tune_space import load_tune_params
+    from sslflow.flows.train import train_flow
+    from sslflow.tasks.data.ingest import load_params as load_ingest_params
+    from sslflow.tasks.pipeline.decisions import load_pipeline_params, markdown_report, partition_overrides
+    from sslflow.tasks.pipeline.steps import validate_step
+    from sslflow.tasks.tuning.space import load_tune_params
 
     files = [str(f) for f in params_files or []]
     last = files[-1] if files else None

@@ -47,8 +47,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ssl_models.config import AugmentConfig
-from ssl_models.methods.base import ViewSpec
+from sslflow.ssl_models.config import AugmentConfig
+from sslflow.ssl_models.methods.base import ViewSpec
 
 __all__ = [
     "CROP_ATTEMPTS",

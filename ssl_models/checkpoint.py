@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssl_models.backbones import SSLResNet, build_backbone
+from sslflow.ssl_models.backbones import SSLResNet, build_backbone
 
 
 def atomic_save(obj: Any, path: Path) -> None:

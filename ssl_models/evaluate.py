@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_models.augment import BatchAugment, eval_view
-from ssl_models.config import AugmentConfig, EvalConfig
-from ssl_models.methods.base import ViewSpec
-from ssl_models.store import ImageStore
+from sslflow.ssl_models.augment import BatchAugment, eval_view
+from sslflow.ssl_models.config import AugmentConfig, EvalConfig
+from sslflow.ssl_models.methods.base import ViewSpec
+from sslflow.ssl_models.store import ImageStore
 
 PROTOCOLS = ("knn", "linear", "finetune")
 

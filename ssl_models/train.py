@@ -33,21 +33,21 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from ssl_models import distributed
-from ssl_models.augment import BatchAugment
-from ssl_models.backbones import SSLResNet, build_backbone
-from ssl_models.checkpoint import (
+from sslflow.ssl_models import distributed
+from sslflow.ssl_models.augment import BatchAugment
+from sslflow.ssl_models.backbones import SSLResNet, build_backbone
+from sslflow.ssl_models.checkpoint import (
     atomic_save,
     remove_stale_temporaries,
     rng_state,
     save_encoder,
     set_rng_state,
 )
-from ssl_models.config import Params, as_dict, flatten
-from ssl_models.evaluate import extract_features, knn_classify, map_test_labels
-from ssl_models.methods import METHODS, SSLMethod
-from ssl_models.optim import WarmupCosine, build_optimizer
-from ssl_models.store import DeviceBatches, ImageStore
+from sslflow.ssl_models.config import Params, as_dict, flatten
+from sslflow.ssl_models.evaluate import extract_features, knn_classify, map_test_labels
+from sslflow.ssl_models.methods import METHODS, SSLMethod
+from sslflow.ssl_models.optim import WarmupCosine, build_optimizer
+from sslflow.ssl_models.store import DeviceBatches, ImageStore
 
 CHECKPOINT = "checkpoints/last.pt"
 # Keys that may change between a run and its resumption without changing the result

@@ -5,7 +5,7 @@ Register a new method with `@register_method` in its own module and import it be
 
 from __future__ import annotations
 
-from ssl_models.methods.base import SSLMethod, ViewSpec
+from sslflow.ssl_models.methods.base import SSLMethod, ViewSpec
 
 METHODS: dict[str, type[SSLMethod]] = {}
 
@@ -15,6 +15,6 @@ def register_method(cls: type[SSLMethod]) -> type[SSLMethod]:
     return cls
 
 
-from ssl_models.methods import byol, dino, moco, simclr  # noqa: E402,F401  (registration)
+from sslflow.ssl_models.methods import byol, dino, moco, simclr  # noqa: E402,F401  (registration)
 
 __all__ = ["METHODS", "SSLMethod", "ViewSpec", "register_method"]

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ssl_models.config import AugmentConfig, PretrainConfig
+from sslflow.ssl_models.config import AugmentConfig, PretrainConfig
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ssl_models.config import AugmentConfig, PretrainConfig
-from ssl_models.heads import ProjectionMLP, cosine_momentum, ema_update_, momentum_copy
-from ssl_models.losses import byol_loss
-from ssl_models.methods import register_method
-from ssl_models.methods.base import SSLMethod, ViewSpec
+from sslflow.ssl_models.config import AugmentConfig, PretrainConfig
+from sslflow.ssl_models.heads import ProjectionMLP, cosine_momentum, ema_update_, momentum_copy
+from sslflow.ssl_models.losses import byol_loss
+from sslflow.ssl_models.methods import register_method
+from sslflow.ssl_models.methods.base import SSLMethod, ViewSpec
 
 
 @register_method

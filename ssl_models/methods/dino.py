@@ -7,12 +7,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ssl_models import distributed
-from ssl_models.config import AugmentConfig, PretrainConfig
-from ssl_models.heads import DINOHead, cosine_momentum, ema_update_, momentum_copy
-from ssl_models.losses import dino_loss
-from ssl_models.methods import register_method
-from ssl_models.methods.base import SSLMethod, ViewSpec
+from sslflow.ssl_models import distributed
+from sslflow.ssl_models.config import AugmentConfig, PretrainConfig
+from sslflow.ssl_models.heads import DINOHead, cosine_momentum, ema_update_, momentum_copy
+from sslflow.ssl_models.losses import dino_loss
+from sslflow.ssl_models.methods import register_method
+from sslflow.ssl_models.methods.base import SSLMethod, ViewSpec
 
 
 @register_method

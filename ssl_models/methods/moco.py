@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_models import distributed
-from ssl_models.config import AugmentConfig, PretrainConfig
-from ssl_models.heads import ProjectionMLP, ema_update_, momentum_copy
-from ssl_models.losses import info_nce_loss
-from ssl_models.methods import register_method
-from ssl_models.methods.base import SSLMethod, ViewSpec, symmetric_views
+from sslflow.ssl_models import distributed
+from sslflow.ssl_models.config import AugmentConfig, PretrainConfig
+from sslflow.ssl_models.heads import ProjectionMLP, ema_update_, momentum_copy
+from sslflow.ssl_models.losses import info_nce_loss
+from sslflow.ssl_models.methods import register_method
+from sslflow.ssl_models.methods.base import SSLMethod, ViewSpec, symmetric_views
 
 
 @register_method

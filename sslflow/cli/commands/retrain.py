@@ -1,0 +1,52 @@
+"""`sslflow retrain`: the scheduled job, once: ingest `data/incoming` -> validate -> train if enough is new.
+
+Trains (the `train` flow) when at least `pipeline.min_new_images` train images arrived since
+the champion was trained, or with `--force`; otherwise says "nothing to do". Only one
+retrain trains at a time (Prefect global concurrency limit `pipeline.lock`).
+Parameters: params/pipeline.yaml (`--set pipeline.key=value`), and every other params file.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sslflow.cli.commands.common import add_params_arguments
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrain", help="ingest data/incoming and retrain if enough new images arrived",
+                       description=__doc__)
+    p.add_argument("--incoming", help="folder of new images (default: pipeline.incoming, data/incoming)")
+    p.add_argument("--store", help="image store (default: pipeline.store, data/store)")
+    p.add_argument("--force", action="store_true", default=None, help="train whatever arrived")
+    p.add_argument("--min-new-images", type=int, help="override pipeline.min_new_images")
+    p.add_argument("--run-name", help="name of the run directory under runs/ (default: a timestamp)")
+    add_params_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sslflow.tasks.pipeline.decisions import load_pipeline_params, partition_overrides
+    from sslflow.tasks.tracking.track import check_tracking_server, load_tracking_params, resolve_tracking_uri
+
+    ov = partition_overrides(args.overrides)
+    load_pipeline_params(args.params, ov["pipeline"])  # bad params: one line, before Prefect starts
+    tp = load_tracking_params(args.params, ov["tracking"])
+    check_tracking_server(resolve_tracking_uri(tp.tracking), tp.tracking.preflight_timeout_s)
+
+    from sslflow.flows.retrain import retrain_flow
+
+    state = retrain_flow(incoming=args.incoming, store=args.store, params_file=args.params,
+                         overrides=list(args.overrides), force=args.force, min_new_images=args.min_new_images,
+                         run_name=args.run_name, return_state=True)
+    result = state.result()
+    if not result.get("trained"):
+        print(f"retrain: {state.name}: {result['reason']}")
+        return 0
+    t = result["train"]
+    print(f"retrain: trained ({result['reason']})")
+    for key, value in t["metrics"].items():
+        print(f"  {key:<14} {value:6.2f}")
+    print(f"run directory: {t['run_dir']}\nregistry: {t['model_name']} version {t['model_version']}: "
+          f"{t['decision']} ({t['reason']})")
+    return 0

@@ -1,0 +1,42 @@
+"""`sslflow validate`: re-run the data suites on a published split, the gate before training.
+
+Exit 0 when every expectation holds, 2 with a one-line message naming the failing
+expectations and rows otherwise. JSON + Data Docs HTML go to `reports/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sslflow.cli.commands.common import add_params_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("validate", help="check a split of the image store against the data suites",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True, type=Path, help="store root, e.g. data/store")
+    p.add_argument("--split", default="train", help="split store under --store (default: train)")
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="reports directory (default: reports)")
+    add_params_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sslflow.ssl_models.store import ImageStore
+    from sslflow.tasks.data.decode import DecodeOptions
+    from sslflow.tasks.data.ingest import load_params
+    from sslflow.tasks.data.validate import ValidationFailed, validate_split
+
+    params = load_params(args.params, args.overrides)
+    c = params.ingest
+    split_dir = args.store / args.split
+    store = ImageStore.open(split_dir)
+    classes = list(c.classes) or (None if params.validate.allow_new_classes else store.classes)
+    result = validate_split(split_dir, limits=DecodeOptions(c.size, c.min_side, c.max_pixels, c.max_file_bytes),
+                            cfg=params.validate, classes=classes, reports_dir=args.reports)
+    if not result.success:
+        raise ValidationFailed(result, prefix=f"{split_dir}: ")
+    print(json.dumps(result.to_dict(), indent=1))
+    return 0

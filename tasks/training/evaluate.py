@@ -1,0 +1,48 @@
+"""The evaluate step: kNN, linear probe and fine-tune of a pretrained encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from sslflow.core.errors import UserError
+from sslflow.ssl_models.checkpoint import load_encoder
+from sslflow.ssl_models.config import Params
+from sslflow.ssl_models.evaluate import EvalReport
+from sslflow.ssl_models.evaluate import evaluate as run_protocols
+from sslflow.ssl_models.store import open_images
+from sslflow.ssl_models.train import resolve_device
+
+
+def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, params: Params,
+             protocols: Sequence[str] | None = None, output: str | Path | None = None) -> EvalReport:
+    """Evaluate the encoder saved in `encoder_dir` on a labeled train/test pair.
+
+    Images are normalised with the statistics the encoder was trained with (saved beside
+    its weights), whatever `augment.mean/std` say now. Writes the report as JSON to `output`
+    (default `encoder_dir/evaluation.json`, flat `<protocol>_top1/_top5` keys first) and the
+    linear-probe confusion matrix beside it (`evaluation-confusion.json`).
+    """
+    encoder_dir = Path(encoder_dir)
+    if not (encoder_dir / "encoder.pt").is_file() and not encoder_dir.is_file():
+        raise UserError(f"{encoder_dir} holds no encoder.pt (has its pretraining finished? "
+                        "continue it with `sslflow pretrain --resume`)")
+    encoder, meta = load_encoder(encoder_dir)
+    protocols = list(protocols or params.eval.protocols)
+    cache = (encoder_dir if encoder_dir.is_dir() else encoder_dir.parent) / "data-cache"
+    train_store, test_store = open_images(train, cache), open_images(test, cache)
+    aug = dataclasses.replace(params.augment, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    try:
+        device = resolve_device(params.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    report = run_protocols(encoder, train_store, test_store, protocols, params.eval, aug, device, params.seed)
+    out = Path(output) if output else (encoder_dir if encoder_dir.is_dir() else encoder_dir.parent) / "evaluation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_json(), indent=1))
+    confusion = report.confusion_json()
+    if confusion is not None:
+        out.with_name(f"{out.stem}-confusion.json").write_text(json.dumps(confusion))
+    return report

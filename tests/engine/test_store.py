@@ -1,0 +1,103 @@
+"""The image store: format, atomic publishing, folder writer and device batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import random_images
+from sslflow.ssl_models.store import DeviceBatches, ImageStore, StoreError, open_images, store_from_folder
+
+
+def test_add_publish_and_read_back(tmp_path):
+    store = ImageStore.create(tmp_path / "s", 16, 16)
+    a, b = random_images(5, seed=1), random_images(3, seed=2)
+    store.add(a, ["cat", None, "dog", "cat", None])
+    store.add(b, ["bird", "dog", None])
+    again = ImageStore.open(tmp_path / "s")
+    assert len(again) == 8 and again.classes == ["cat", "dog", "bird"]
+    np.testing.assert_array_equal(again.images(), np.concatenate([a, b]))
+    np.testing.assert_array_equal(again.labels(), [0, -1, 1, 0, -1, 2, 1, -1])
+    assert again.num_labeled() == 5
+
+
+def test_unpublished_shards_are_invisible_and_swept(tmp_path):
+    store = ImageStore.create(tmp_path / "s", 16, 16)
+    store.add(random_images(4), [None] * 4)
+    orphan = store.write_shard(random_images(2), np.array([-1, -1]))  # a writer that crashed before publish
+    assert len(ImageStore.open(tmp_path / "s")) == 4
+    store.add(random_images(1), [None])
+    assert not orphan.images_path(store.root).exists()
+    assert len(ImageStore.open(tmp_path / "s")) == 5
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(StoreError, match="is not an image store"):
+        ImageStore.open(tmp_path)
+    store = ImageStore.create(tmp_path / "s", 16, 16)
+    with pytest.raises(StoreError, match=r"expected uint8 images of shape \(N, 16, 16, 3\)"):
+        store.add(random_images(2, size=8), [None, None])
+    with pytest.raises(StoreError, match="already holds a store"):
+        ImageStore.create(tmp_path / "s", 16, 16)
+    with pytest.raises(StoreError, match="holds 16x16 images, not 32x32"):
+        ImageStore.open_or_create(tmp_path / "s", 32, 32)
+    (tmp_path / "s" / "store.json").write_text("{not json")
+    with pytest.raises(StoreError, match="corrupt"):
+        ImageStore.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="does not exist"):
+        open_images(tmp_path / "nope", tmp_path / "cache")
+
+
+def test_folder_writer_labels_and_resizes(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "red").mkdir(parents=True)
+    (root / "blue").mkdir()
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(root / "red" / "a.png")
+    Image.new("RGB", (32, 24), (0, 0, 255)).save(root / "blue" / "b.JPG")
+    Image.new("L", (16, 16), 128).save(root / "loose.png")
+    (root / "notes.txt").write_text("not an image")
+    store = store_from_folder(root, tmp_path / "store")
+    assert store.classes == ["blue", "red"] and list(store.labels()) == [0, -1, 1]
+    images = store.images()
+    assert images.shape == (3, 16, 16, 3)  # mixed sizes: square of the median shorter side
+    assert images[0, 8, 8, 2] > 200 and images[2, 8, 8, 0] == 255 and images[1, 0, 0, 0] == 128
+    assert open_images(root, tmp_path / "cache").root == open_images(root, tmp_path / "cache").root
+    with pytest.raises(StoreError, match="holds no images"):
+        (tmp_path / "empty").mkdir()
+        store_from_folder(tmp_path / "empty", tmp_path / "y")
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_device_batches_are_reproducible_permutations(tmp_path, resident):
+    store = ImageStore.create(tmp_path / "s", 4, 4)
+    images = np.arange(40 * 48, dtype=np.int64).reshape(40, 4, 4, 3).astype(np.uint8)
+    images[:, 0, 0, 0] = np.arange(40)  # row id in a pixel
+    for part in np.split(images, [13, 30]):  # three shards
+        store.add(part, [None] * len(part))
+    batches = DeviceBatches(store, 8, torch.device("cpu"), seed=3, max_resident_bytes=None if resident else 0)
+    assert batches.resident is resident and len(batches) == 5
+    ids = [b[:, 0, 0, 0].tolist() for b in batches.epoch(0)]
+    assert sorted(i for batch in ids for i in batch) == list(range(40))  # every image once per epoch
+    assert [b[:, 0, 0, 0].tolist() for b in batches.epoch(0)] == ids  # same (seed, epoch): same order
+    assert [b[:, 0, 0, 0].tolist() for b in batches.epoch(0, start_batch=2)] == ids[2:]  # resume
+    assert [b[:, 0, 0, 0].tolist() for b in batches.epoch(1)] != ids
+
+
+def test_device_batches_reject_stores_smaller_than_a_batch(tmp_path):
+    store = ImageStore.create(tmp_path / "s", 4, 4)
+    with pytest.raises(StoreError, match="is empty"):
+        DeviceBatches(store, 8, torch.device("cpu"), seed=0)
+    store.add(random_images(3, size=4), [None] * 3)
+    with pytest.raises(StoreError, match="fewer than one batch of 8"):
+        DeviceBatches(store, 8, torch.device("cpu"), seed=0)
+
+
+def test_index_is_plain_json(tmp_path):
+    store = ImageStore.create(tmp_path / "s", 8, 8)
+    store.add(random_images(2, size=8), ["a", "b"])
+    meta = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert meta["count"] == 2 and meta["classes"] == ["a", "b"] and meta["height"] == 8

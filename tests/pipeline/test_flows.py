@@ -1,0 +1,219 @@
+"""The Prefect flows (train, retrain) on a tiny store, against one session-scoped test server."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import FAST
+from sslflow.core.errors import UserError
+from sslflow.tasks.pipeline.decisions import (
+    TAG_TRAIN_IMAGES,
+    load_pipeline_params,
+    partition_overrides,
+    retrain_decision,
+)
+
+DATA = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
+        "ingest.workers=1", "versioning.dvc=off", "validate.class_balance_tolerance=1.0"]
+FLOW_SET = [*FAST, *DATA, "eval.knn_k=5", "tracking.embedding_map=false", "tracking.augment_grid_images=0",
+            "pipeline.retries=1", "pipeline.retry_delay_s=0.1"]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server for the whole session (15-25 s to start)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, prefect_server):
+    """A working directory with a tiny ingested demo store (40 train / 20 test, 16 px) and
+    its own MLflow database."""
+    from sslflow.tasks.data.ingest import ingest
+    from sslflow.tasks.data.ingest import load_params as load_ingest_params
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data_params = load_ingest_params(overrides=DATA)
+    for split in ("train", "test"):
+        ingest("demo", tmp_path / "data" / "store", split, params=data_params, reports_dir=tmp_path / "reports")
+    return tmp_path
+
+
+def _versions(model="ssl-encoder"):
+    from mlflow import MlflowClient
+
+    return MlflowClient().search_model_versions(f"name='{model}'")
+
+
+def _champion(model="ssl-encoder"):
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version_by_alias(model, "champion")
+
+
+def _drop_images(folder: Path, n: int, seed: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"new_{seed}_{i}.png")
+
+
+# ------------------------------------------------------------------------------------ plain logic
+def test_retrain_decision_rules():
+    assert not retrain_decision(120, 100, 50).train
+    assert "nothing to do" in retrain_decision(120, 100, 50).reason
+    assert retrain_decision(150, 100, 50).train
+    assert retrain_decision(120, 100, 50, force=True).train
+    assert retrain_decision(40, None, 10, has_champion=False).train  # no champion: everything is new
+    assert not retrain_decision(0, None, 0, force=True).train  # nothing to train on
+
+
+def test_pipeline_params_and_override_routing():
+    pp = load_pipeline_params(overrides=["pipeline.min_new_images=7", "pretrain.lr=1"]).pipeline
+    assert pp.min_new_images == 7 and len(pp.cron.split()) == 5
+    with pytest.raises(UserError, match=r"pipeline\.min_new_imagse"):
+        load_pipeline_params(overrides=["pipeline.min_new_imagse=7"])
+    with pytest.raises(UserError, match=r"missing parameter pipeline\.cron"):
+        load_pipeline_params(params_dir=_params_without("cron"))
+    parts = partition_overrides(["pretrain.lr=1", "ingest.size=8", "tracking.uri=x", "pipeline.force=true"])
+    assert parts == {"engine": ["pretrain.lr=1"], "data": ["ingest.size=8"], "tracking": ["tracking.uri=x"],
+                     "pipeline": ["pipeline.force=true"]}
+
+
+def _params_without(key: str) -> Path:
+    import tempfile
+
+    import yaml
+
+    from sslflow.core.settings import PARAMS_DIR
+
+    raw = yaml.safe_load((PARAMS_DIR / "pipeline.yaml").read_text())
+    del raw["pipeline"][key]
+    d = Path(tempfile.mkdtemp())
+    (d / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    return d
+
+
+# ------------------------------------------------------------------------------------ flows
+def test_train_then_retrain_nothing_to_do_then_new_images(project):
+    from prefect.artifacts import Artifact
+
+    from sslflow.flows.retrain import retrain_flow
+    from sslflow.flows.train import train_flow
+
+    out = train_flow(store="data/store", overrides=FLOW_SET, run_name="first")
+    assert out["decision"] == "promoted" and out["train_images"] == 40, out
+    assert {"knn_top1", "linear_top1"} <= set(out["metrics"])
+    assert (project / "runs" / "first" / "evaluation.json").is_file()
+    [mv] = _versions()
+    assert mv.tags[TAG_TRAIN_IMAGES] == "40" and _champion().version == mv.version
+    art = Artifact.get("train-report")
+    assert art is not None and "| decision | **promoted** |" in art.data and "eval/linear_top1" in art.data
+
+    # nothing arrived since the champion was trained
+    state = retrain_flow(overrides=[*FLOW_SET, "pipeline.min_new_images=10"], return_state=True)
+    assert state.is_completed() and state.name == "NothingToDo", state
+    assert state.result()["trained"] is False and state.result()["new_images"] == 0
+    assert len(_versions()) == 1
+
+    # 12 new (unlabeled) images dropped into data/incoming -> ingested, enough -> train
+    _drop_images(project / "data" / "incoming", 12, seed=1)
+    res = retrain_flow(overrides=[*FLOW_SET, "pipeline.min_new_images=10"], run_name="second")
+    assert res["trained"] is True and res["new_images"] == 12, res
+    assert res["train"]["train_images"] == 52
+    latest = max(_versions(), key=lambda v: int(v.version))
+    assert latest.tags[TAG_TRAIN_IMAGES] == "52"
+
+
+def test_overlapping_retrains_do_not_both_train(project):
+    """Two retrain runs at once, both forced: the concurrency slot lets one train; the other
+    cannot get the slot within lock_timeout_s and ends `Skipped`."""
+    from sslflow.flows.retrain import retrain_flow
+
+    states = {}
+
+    def go(name):
+        states[name] = retrain_flow(overrides=[*FLOW_SET, "pipeline.lock=sslflow-retrain-overlap",
+                                               "pipeline.lock_timeout_s=2"],
+                                    force=True, run_name=name, return_state=True)
+
+    threads = [threading.Thread(target=go, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    names = sorted(s.name for s in states.values())
+    assert names == ["Completed", "Skipped"], states
+    assert sum(bool(s.result()["trained"]) for s in states.values()) == 1
+    assert len(_versions()) == 1
+
+
+def test_retrain_waits_for_the_slot_held_elsewhere(project):
+    """The slot held by someone else (another retrain, on another host): a forced retrain
+    does not train."""
+    from prefect.concurrency.sync import concurrency
+
+    from sslflow.flows.retrain import ensure_limit, retrain_flow
+
+    ensure_limit("sslflow-retrain-held", 1)
+    with concurrency("sslflow-retrain-held", occupy=1, strict=True):
+        state = retrain_flow(overrides=[*FLOW_SET, "pipeline.lock=sslflow-retrain-held",
+                                        "pipeline.lock_timeout_s=1"], force=True, return_state=True)
+    assert state.name == "Skipped" and "holds" in state.result()["reason"]
+    assert _versions() == []
+
+
+def test_errors_are_one_line_before_training(project, monkeypatch, capsys):
+    from sslflow.cli import main
+    from sslflow.flows.train import train_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    code = main(["retrain", "--force", *[a for s in FLOW_SET for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "http://127.0.0.1:9" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(UserError, match=r"127\.0\.0\.1:9"):
+        train_flow(store="data/store", overrides=FLOW_SET, run_name="x")
+    assert not (project / "runs" / "x").exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    with pytest.raises(UserError, match="does not exist: ingest images first"):
+        train_flow(store="nowhere", overrides=FLOW_SET, run_name="y")
+    code = main(["retrain", "--set", "pipeline.min_new_imagse=3"])
+    assert code == 2 and "unknown parameter pipeline.min_new_imagse" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tune_flow_trains_the_best_configuration(project: Path) -> None:
+    """`tune` flow: a 2-trial study, the best params file, then a `train` subflow with it
+    that registers a version; the study's parent run points at that training run."""
+    from mlflow import MlflowClient
+
+    from sslflow.flows.tune import tune_flow
+
+    sets = [*FLOW_SET, "tune.budget_epochs=1", "tune.pruner=none", "tune.startup_trials=1"]
+    out = tune_flow(trials=2, study="flow", storage=f"sqlite:///{project / 'optuna.db'}", overrides=sets,
+                    output=str(project / "tuned.yaml"))
+    t = out["tune"]
+    assert (t["complete"], out["trained"]) == (2, True)
+    best_temperature = t["best_params"]["pretrain.temperature"]
+    client = MlflowClient()
+    train_run = client.get_run(out["train"]["mlflow_run_id"])
+    assert float(train_run.data.params["pretrain.temperature"]) == pytest.approx(best_temperature)
+    assert train_run.data.params["pretrain.epochs"] == "2"  # the full epochs, not the trial budget
+    parent = client.get_run(t["mlflow_run_id"])
+    assert parent.data.tags["best.train_run_id"] == train_run.info.run_id
+    assert parent.data.tags["best.model_version"] == str(out["train"]["model_version"])
+    assert [str(v.version) for v in _versions()] == [str(out["train"]["model_version"])]

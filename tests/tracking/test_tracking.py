@@ -1,0 +1,214 @@
+"""MLflow tracking against a real SQLite backend: params, metrics, tags, artifacts, preflight."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from helpers import fast_params
+from sslflow.core.errors import UserError
+from sslflow.tasks.tracking.track import (
+    MLflowCallback,
+    check_tracking_server,
+    flat_params,
+    load_tracking_params,
+    resolve_tracking_uri,
+    tracking_run,
+)
+
+UNREACHABLE = "http://127.0.0.1:9"
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, demo_stores):
+    """One tiny pretraining + evaluation, tracked with the callback and `log_training`."""
+    from sslflow.tasks.tracking.track import log_training
+    from sslflow.tasks.training.evaluate import evaluate
+    from sslflow.tasks.training.pretrain import pretrain
+
+    tmp = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    gx = tmp / "gx"
+    gx.mkdir()
+    (gx / "validation.json").write_text('{"success": true}')
+    params = fast_params("eval.protocols=[knn,linear]")
+    tp = load_tracking_params(overrides=["tracking.experiment=test-tracking", "tracking.flush_every=3",
+                                         "tracking.augment_grid_images=4"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        with tracking_run(params, tp.tracking, run_name="tiny", data_version="abc123.dir") as run:
+            result = pretrain(demo_stores["train"], tmp / "run", params, eval_train=demo_stores["train"],
+                              eval_test=demo_stores["test"], callbacks=[run.callback()], progress_bar=False)
+            report = evaluate(tmp / "run", demo_stores["train"], demo_stores["test"], params)
+            logged = log_training(run, tmp / "run", params, report, train_store=demo_stores["train"],
+                                  test_store=demo_stores["test"], gx_report=gx)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        yield {"client": client, "run_id": run.run_id, "params": params, "result": result, "report": report,
+               "logged": logged, "tmp": tmp, "uri": uri}
+
+
+def test_params_are_flattened_and_complete(tracked):
+    run = tracked["client"].get_run(tracked["run_id"])
+    expected = flat_params(tracked["params"])
+    assert run.data.params == expected
+    assert run.data.params["pretrain.lr"] == "0.1"
+    assert run.data.params["pretrain.width"] == "8"
+    assert run.info.status == "FINISHED"
+
+
+def test_step_and_epoch_metrics(tracked):
+    client, run_id, result = tracked["client"], tracked["run_id"], tracked["result"]
+    steps = result.history.steps
+    for key in ("loss", "lr", "images_per_s"):
+        hist = client.get_metric_history(run_id, f"train/{key}")
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [s["step"] for s in steps]
+    loss = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    assert loss[-1].value == pytest.approx(steps[-1]["loss"])
+    knn = sorted(client.get_metric_history(run_id, "epoch/knn_top1"), key=lambda m: m.step)
+    assert [m.step for m in knn] == [0, 1, 2]  # epoch 0 = the random-init encoder
+    assert knn[-1].value == pytest.approx(result.history.epochs[-1]["knn_top1"])
+    assert len(client.get_metric_history(run_id, "epoch/loss")) == 2
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["eval/linear_top1"] == pytest.approx(tracked["report"].metrics["linear_top1"])
+    assert metrics["eval/knn_top1"] == pytest.approx(tracked["report"].metrics["knn_top1"])
+    assert "pretrain/train_seconds" in metrics and "pretrain/knn_top1_at_init" in metrics
+    assert "gpu_memory_gb" not in " ".join(metrics)  # CPU run
+
+
+def test_provenance_tags(tracked):
+    import torch
+
+    from sslflow import __version__
+
+    tags = tracked["client"].get_run(tracked["run_id"]).data.tags
+    assert tags["data_version"] == "abc123.dir"
+    assert tags["device"] == "cpu"
+    assert tags["torch_version"] == torch.__version__
+    assert tags["sslflow_version"] == __version__
+    assert tags["method"] == "simclr"
+    assert "dvc_lock_md5" in tags
+    if "git_commit" in tags:  # the checkout is a git repo in CI
+        assert len(tags["git_commit"]) == 40
+        assert tags["git_dirty"] in ("true", "false")
+
+
+def test_artifacts(tracked):
+    from mlflow.artifacts import download_artifacts
+
+    client, run_id = tracked["client"], tracked["run_id"]
+
+    def listing(path=None):
+        out = []
+        for f in client.list_artifacts(run_id, path):
+            out += listing(f.path) if f.is_dir else [f.path]
+        return out
+
+    files = set(listing())
+    for name in ("params/params.yaml", "params/params.json", "plots/loss.png", "plots/knn.png",
+                 "plots/augmented_views.png", "plots/embedding_map.png", "plots/confusion.png",
+                 "evaluation/evaluation.json", "evaluation/confusion.json", "run/history.json",
+                 "run/metrics.json", "gx/gx/validation.json"):
+        assert name in files, f"{name} missing from {sorted(files)}"
+    local = download_artifacts(run_id=run_id, artifact_path="plots", dst_path=str(tracked["tmp"] / "dl"),
+                               tracking_uri=tracked["uri"])
+    for png in ("loss.png", "knn.png", "augmented_views.png", "embedding_map.png", "confusion.png"):
+        with open(os.path.join(local, png), "rb") as f:
+            data = f.read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    # artifacts live beside the SQLite file, not in the working directory
+    assert (tracked["tmp"] / "mlartifacts").is_dir()
+
+
+def test_failed_body_marks_run_failed(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tp = load_tracking_params()
+    with pytest.raises(RuntimeError, match="boom"), tracking_run(None, tp.tracking) as run:
+        raise RuntimeError("boom")
+    r = MlflowClient(tracking_uri=uri).get_run(run.run_id)
+    assert r.info.status == "FAILED"
+    assert "boom" in r.data.tags["error"]
+
+
+def test_callback_batches_metric_requests(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real = MlflowClient(tracking_uri=uri)
+    exp = real.create_experiment("cb", artifact_location=(tmp_path / "art").as_uri())
+    run_id = real.create_run(exp).info.run_id
+
+    class Counting:  # the real client, counting requests
+        calls = 0
+
+        def log_batch(self, *a, **k):
+            Counting.calls += 1
+            return real.log_batch(*a, **k)
+
+    cb = MLflowCallback(run_id, Counting(), flush_every=4)
+    for step in range(1, 11):
+        cb.on_step(step, {"loss": 1.0 / step, "lr": 0.1, "images_per_s": 100.0, "epoch": step / 10})
+    assert Counting.calls == 2  # after calls 4 and 8
+    cb.on_epoch_end(1, {"epoch": 1, "loss": 0.5, "knn_top1": 50.0})  # flushes the rest
+    assert Counting.calls == 3
+    assert len(real.get_metric_history(run_id, "train/loss")) == 10
+    assert real.get_metric_history(run_id, "epoch/knn_top1")[0].step == 1
+    assert not real.get_metric_history(run_id, "epoch/epoch")
+
+
+def test_unreachable_server_fails_fast_with_one_line():
+    t0 = time.perf_counter()
+    with pytest.raises(UserError) as e:
+        check_tracking_server(UNREACHABLE, timeout=3)
+    assert time.perf_counter() - t0 < 5
+    msg = str(e.value)
+    assert UNREACHABLE in msg and "\n" not in msg
+
+
+def test_unreachable_server_stops_before_training(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", UNREACHABLE)
+    tp = load_tracking_params(overrides=["tracking.preflight_timeout_s=2"])
+    entered = False
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"127\.0\.0\.1:9"), tracking_run(fast_params(), tp.tracking):
+        entered = True
+    assert not entered and time.perf_counter() - t0 < 5
+
+
+def test_cli_promote_unreachable_is_one_line_exit_2(monkeypatch, capsys):
+    from sslflow import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "promote")
+                        if "promote" not in cli.COMMAND_MODULES else cli.COMMAND_MODULES)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", UNREACHABLE)
+    assert cli.main(["promote", "--version", "1", "--set", "tracking.preflight_timeout_s=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sslflow promote: error:") and UNREACHABLE in err and "\n" not in err
+
+
+def test_tracking_params(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tp = load_tracking_params()
+    assert tp.tracking.model_name == "ssl-encoder"
+    assert tp.promotion.metric == "linear_top1"
+    assert resolve_tracking_uri(tp.tracking).startswith("sqlite:///") and \
+        resolve_tracking_uri(tp.tracking).endswith("/mlflow.db")
+    tp = load_tracking_params(overrides=["tracking.uri=http://mlflow:5000", "promotion.min_delta=1",
+                                         "pretrain.lr=3"])  # other sections are ignored
+    assert resolve_tracking_uri(tp.tracking) == "http://mlflow:5000"
+    assert tp.promotion.min_delta == 1.0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri(tp.tracking) == "sqlite:///env.db"  # the environment wins
+    with pytest.raises(UserError, match=r"unknown parameter promotion\.min_detla"):
+        load_tracking_params(overrides=["promotion.min_detla=1"])
+    with pytest.raises(UserError, match=r"promotion\.min_delta must be >= 0"):
+        load_tracking_params(overrides=["promotion.min_delta=-1"])
+    profile = tmp_path / "p.yaml"
+    profile.write_text("tracking: {experiment: nightly}\npretrain: {lr: 1.0}\n")
+    assert load_tracking_params(profile).tracking.experiment == "nightly"
