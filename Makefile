@@ -5,14 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export GX_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: demo ui test lint bench bench-cpu clean
 
-$(BIN)/sslflow: pyproject.toml requirements/constraints.txt
+$(BIN)/sslflow: pyproject.toml setup.py requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c requirements/constraints.txt -e '.[dev]'

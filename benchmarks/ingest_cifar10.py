@@ -48,8 +48,8 @@ def main() -> int:
     if not args.archive.is_file():
         print(f"CIFAR-10 archive not found at {args.archive}", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(REPO))
-    from sslflow.tasks.data.ingest import ingest, load_params
+    from sslflow.core.settings import load_settings
+    from sslflow.tasks.data.ingest import ingest
 
     with tempfile.TemporaryDirectory(prefix="sslflow-bench-") as tmp:
         work = Path(tmp)
@@ -63,13 +63,13 @@ def main() -> int:
         if args.dvc:
             subprocess.run(["git", "init", "-q"], cwd=project, check=True)
             subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
-        params = load_params(overrides=[f"ingest.size={args.size}", f"ingest.workers={args.workers}",
-                                        f"versioning.dvc={'on' if args.dvc else 'off'}",
-                                        f"versioning.remote_dir={work / 'remote'}"])
+        params = load_settings([], [f"ingest.size={args.size}", f"ingest.workers={args.workers}",
+                                    f"versioning.dvc={'on' if args.dvc else 'off'}",
+                                    f"versioning.remote_dir={work / 'remote'}"], project=project)
         runs = {}
         for name in ("first", "again"):
             t0 = time.perf_counter()
-            s = ingest(str(source), project / "data" / "store", "train", params=params,
+            s = ingest(str(source), project / "data" / "store", "train", settings=params,
                        reports_dir=project / "reports", log=lambda m: None)
             runs[name] = {"seconds": round(time.perf_counter() - t0, 2), "phases": s.seconds,
                           "accepted": s.accepted, "duplicates": s.duplicates,

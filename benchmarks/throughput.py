@@ -20,38 +20,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from cifar import cifar10_stores, extract  # benchmarks/ is on sys.path when run as a script
 
-from sslflow.core.settings import load_params
-from sslflow.ssl_models.store import ImageStore, store_from_folder
-from sslflow.ssl_models.train import Pretrainer, build_method
-
-REPO = Path(__file__).resolve().parent.parent
-ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+from sslflow.core.settings import load_settings
+from sslflow.ssl_models.methods import Batch
+from sslflow.ssl_models.store import ImageStore
+from sslflow.ssl_models.train import Pretrainer, build_method, train_context
 
 
 def cifar10(cache: Path) -> tuple[Path, ImageStore]:
-    """Extract the JPEGs and build the train store once (cached under `cache`)."""
-    root = cache / "cifar10"
-    if not (root / "train").is_dir():
-        if not ARCHIVE.is_file():
-            sys.exit(f"CIFAR-10 archive not found at {ARCHIVE}")
-        with tarfile.open(ARCHIVE) as tar:
-            tar.extractall(cache, filter="data")
-    store_dir = cache / "store-train"
-    if ImageStore.is_store(store_dir):
-        return root / "train", ImageStore.open(store_dir)
-    return root / "train", store_from_folder(root / "train", store_dir)
+    """The train JPEGs (for the DataLoader baseline) and their store (for sslflow), built once."""
+    return extract(cache) / "train", ImageStore.open(cifar10_stores(cache)["train"])
 
 
 def sslflow_throughput(store: ImageStore, overrides: list[str], run_dir: Path) -> dict[str, float]:
-    params = load_params(overrides=overrides)
+    params = load_settings([], overrides)
 
     class Readings:
         def __init__(self) -> None:
@@ -74,7 +62,7 @@ def dataloader_throughput(folder: Path, overrides: list[str], steps: int, worker
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    params = load_params(overrides=overrides)
+    params = load_settings([], overrides)
     aug, cfg = params.augment, params.pretrain
     s = aug.strength
     one_view = v2.Compose([
@@ -95,7 +83,8 @@ def dataloader_throughput(folder: Path, overrides: list[str], steps: int, worker
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, pin_memory=device.type == "cuda",
                                          persistent_workers=workers > 0)
-    method = build_method(params, device).train()
+    method = build_method(params, train_context(params, 32), device).train()
+    raw = torch.zeros(cfg.batch_size, 32, 32, 3, dtype=torch.uint8, device=device)  # SimCLR reads only the views
     opt = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
     warmup, timed, t0 = 5, 0, 0.0
     it = iter(loader)
@@ -110,7 +99,7 @@ def dataloader_throughput(folder: Path, overrides: list[str], steps: int, worker
             it = iter(loader)
             (v1, v2_), _ = next(it)
         v1, v2_ = v1.to(device, non_blocking=True), v2_.to(device, non_blocking=True)
-        loss = method([v1, v2_], 0.0)
+        loss = method(Batch([v1, v2_], raw, aug.mean, aug.std), 0.0).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -139,8 +128,11 @@ def main() -> None:
     common = [f"device={args.device}", f"pretrain.batch_size={args.batch_size}", "pretrain.log_every=10",
               "pretrain.checkpoint_every=0", "pretrain.eval_every=0", "pretrain.warmup_epochs=1"]
     if args.quick:
-        common += ["pretrain.width=16", "pretrain.proj_hidden_dim=256", "pretrain.pred_hidden_dim=256",
-                   "pretrain.dino_out_dim=1024", "augment.local_crops=2", "pretrain.log_every=2"]
+        common += ["backbone.resnet.width=16", "pretrain.simclr.proj_hidden_dim=256",
+                   "pretrain.moco.proj_hidden_dim=256", "pretrain.byol.proj_hidden_dim=256",
+                   "pretrain.byol.pred_hidden_dim=256",
+                   "pretrain.dino.hidden_dim=256", "pretrain.dino.out_dim=1024", "augment.local_crops=2",
+                   "pretrain.log_every=2"]
         store = _subset(store, args.cache / "store-quick", 8 * args.batch_size)
         args.baseline_steps = min(args.baseline_steps, 5)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"

@@ -4,7 +4,7 @@ profile's default configuration, same budget, same seed.
     python benchmarks/tune_cifar10.py                                  # 20 trials x 10 epochs, MoCo (GPU)
     python benchmarks/tune_cifar10.py --method simclr --trials 20 --budget 10
     python benchmarks/tune_cifar10.py --device cpu --subset 2000 --trials 3 --budget 1 \\
-        --set pretrain.width=8 --set pretrain.batch_size=128            # CPU smoke run
+        --set backbone.resnet.width=8 --set pretrain.batch_size=128     # CPU smoke run
 
 The default configuration is trial 0 (`tune.baseline_trial`), so it is trained under exactly
 the same conditions as the sampled ones (it is never pruned: it is the pruner's first baseline). Both
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import optuna
 import torch
-from accuracy import stores  # benchmarks/ is on sys.path when run as a script
+from cifar import REPO, cifar10_stores  # benchmarks/ is on sys.path when run as a script
 
-from sslflow.core.settings import PARAMS_DIR, load_params
+from sslflow.core.settings import load_settings
 from sslflow.tasks.training.evaluate import evaluate
 from sslflow.tasks.tuning.study import tune
 
@@ -41,13 +41,13 @@ def main() -> None:
     args = ap.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    data = stores(args.work, args.subset)
+    data = cifar10_stores(args.work, args.subset)
     root = args.work / f"store-{args.subset or 'full'}"
     for split in ("train", "test"):
         (root / split).parent.mkdir(parents=True, exist_ok=True)
         if not (root / split).exists():
             (root / split).symlink_to(data[split].resolve())
-    profile = PARAMS_DIR / "profiles" / f"cifar10-{args.method}.yaml"
+    profile = REPO / "params" / "profiles" / f"cifar10-{args.method}.yaml"
     engine = [f"device={args.device}", *args.overrides]
     tune_ov = [f"tune.budget_epochs={args.budget}", f"tracking.uri=sqlite:///{args.work / 'mlflow.db'}"]
     study = f"cifar10-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -55,11 +55,12 @@ def main() -> None:
 
     # trial 0 is the profile's own configuration (tune.baseline_trial), trained like the others
     t0 = time.perf_counter()
-    result = tune(root, [profile], [*engine, *tune_ov], trials=args.trials, study=study, storage=storage,
+    settings = load_settings([profile], [*engine, *tune_ov], project=args.work)
+    result = tune(root, settings, trials=args.trials, study=study, storage=storage, base_file=profile,
                   output=args.work / f"{study}.yaml", runs_dir=args.work / "runs")
     minutes = (time.perf_counter() - t0) / 60
     trials = optuna.load_study(study_name=study, storage=storage).trials
-    params = load_params([profile], engine)
+    params = settings
     rows = []
     for label, trial in (("default (trial 0)", trials[0]), (f"best (trial {result.best_trial})",
                                                             trials[result.best_trial or 0])):

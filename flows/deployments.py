@@ -13,8 +13,10 @@ With `gpu=True` (`sslflow deploy --gpu`), on `pipeline.gpu_work_pool`, each with
 - `train/gpu`: the whole train flow on a GPU host;
 - `tune/gpu`: a search whose trials train on a GPU host (several runs share one study).
 
-The flows run from this checkout (`set_working_directory` pull step): start a worker in it
-with `prefect worker start --pool sslflow-process`.
+The flows' code comes from this checkout (`CODE_DIR`); every deployment carries the project
+directory it was created for (`project`), so a worker anywhere reads that project's
+params.yaml, store and MLflow database. Start a worker with
+`prefect worker start --pool sslflow-process`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout holding flows/
 
 
 def ensure_work_pool(name: str, pool_type: str = "process") -> None:
@@ -44,49 +46,54 @@ def gpu_settings(pp: Any) -> tuple[str, dict[str, Any]]:
     return pp.gpu_limit or "gpu", {"env": {"CUDA_VISIBLE_DEVICES": "0"}}
 
 
-def build_deployments(pp: Any, project_dir: Path = PROJECT_DIR, gpu: bool = False) -> list[tuple[str, Any]]:
+def build_deployments(settings: Any, gpu: bool = False, code_dir: Path = CODE_DIR) -> list[tuple[str, Any]]:
     """(work pool, RunnerDeployment) pairs, not yet applied."""
     from prefect import Flow
     from prefect.schedules import Cron
 
-    src = str(project_dir)
+    pp = settings.pipeline
+    project = {"project": str(settings.project)}
+    src = str(code_dir)
     retrain = Flow.from_source(src, "flows/retrain.py:retrain_flow")
     train = Flow.from_source(src, "flows/train.py:train_flow")
     tune = Flow.from_source(src, "flows/tune.py:tune_flow")
     out = [
         (pp.work_pool, retrain.to_deployment(
-            name="nightly", schedules=[Cron(pp.cron, timezone=pp.timezone)], tags=["sslflow"],
+            name="nightly", schedules=[Cron(pp.cron, timezone=pp.timezone)], tags=["sslflow"], parameters=project,
             description="ingest data/incoming, validate, retrain when enough is new")),
-        (pp.work_pool, train.to_deployment(name="on-demand", tags=["sslflow"],
+        (pp.work_pool, train.to_deployment(name="on-demand", tags=["sslflow"], parameters=project,
                                            description="validate the store, pretrain, evaluate, register")),
-        (pp.work_pool, tune.to_deployment(name="on-demand", tags=["sslflow"],
+        (pp.work_pool, tune.to_deployment(name="on-demand", tags=["sslflow"], parameters=project,
                                           description="hyperparameter search, then train the best trial")),
     ]
     if gpu:
         limit, job_variables = gpu_settings(pp)
         on_gpu = ["device=cuda", f"pipeline.gpu_limit={limit}"]
         out += [
-            pretrain_gpu_deployment(pp, project_dir),
+            pretrain_gpu_deployment(settings, code_dir),
             (pp.gpu_work_pool, train.to_deployment(
-                name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables, parameters={"overrides": on_gpu},
+                name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
+                parameters={**project, "overrides": on_gpu},
                 description="train on a GPU host (one slot of the gpu concurrency limit per run)")),
             (pp.gpu_work_pool, tune.to_deployment(
-                name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables, parameters={"overrides": on_gpu},
+                name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
+                parameters={**project, "overrides": on_gpu},
                 description="hyperparameter search on a GPU host; several runs can share one study")),
         ]
     return out
 
 
-def pretrain_gpu_deployment(pp: Any, project_dir: Path = PROJECT_DIR) -> tuple[str, Any]:
+def pretrain_gpu_deployment(settings: Any, code_dir: Path = CODE_DIR) -> tuple[str, Any]:
     """`pretrain/gpu`: the train flow's pretraining on a GPU host. `host_overrides` and
     `gpu_limit` are deployment parameters the train flow never sends, so they stay."""
     from prefect import Flow
 
+    pp = settings.pipeline
     limit, job_variables = gpu_settings(pp)
-    pretrain = Flow.from_source(str(project_dir), "flows/pretrain.py:pretrain_flow")
+    pretrain = Flow.from_source(str(code_dir), "flows/pretrain.py:pretrain_flow")
     return (pp.gpu_work_pool, pretrain.to_deployment(
         name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
-        parameters={"host_overrides": ["device=cuda"], "gpu_limit": limit},
+        parameters={"project": str(settings.project), "host_overrides": ["device=cuda"], "gpu_limit": limit},
         description="pretraining only, for the train flow (pipeline.pretrain_deployment=pretrain/gpu)"))
 
 
@@ -109,6 +116,7 @@ def apply_deployments(pairs: list[tuple[str, Any]], gpu_limit: str | None = None
     return ids
 
 
-def deploy_all(pp: Any, project_dir: Path = PROJECT_DIR, gpu: bool = False) -> dict[str, str]:
+def deploy_all(settings: Any, gpu: bool = False, code_dir: Path = CODE_DIR) -> dict[str, str]:
     """`build_deployments` applied: the pools, the GPU limit and the deployments; {name: id}."""
-    return apply_deployments(build_deployments(pp, project_dir, gpu), gpu_settings(pp)[0] if gpu else None)
+    return apply_deployments(build_deployments(settings, gpu, code_dir),
+                             gpu_settings(settings.pipeline)[0] if gpu else None)

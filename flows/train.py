@@ -1,9 +1,10 @@
 """The `train` flow: validate the store -> pretrain -> evaluate -> log -> register -> promotion gate.
 
     from sslflow.flows.train import train_flow
-    summary = train_flow(store="data/store", params_files=["params/profiles/demo.yaml"])
+    summary = train_flow(store="data/store")     # the project's params.yaml
+    summary = train_flow(params_files=["params/profiles/cifar10-byol.yaml"], overrides=["pretrain.epochs=10"])
 
-Every step is a task of `tasks/steps.py` around a plain function of `tasks/`. The MLflow
+Every step is a task of `sslflow.tasks.pipeline.steps` around a plain function of `sslflow.tasks`. The MLflow
 backend is checked before anything else (an unreachable server fails in one line naming
 the URI). The registered version is tagged with the number of train images and the data
 version it was trained on; `retrain` compares the champion's with the store's.
@@ -28,78 +29,63 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
                overrides: list[str] | None = None, run_name: str | None = None,
                runs_dir: str | None = None, reports_dir: str | None = None,
                protocols: list[str] | None = None, data_version: str | None = None,
-               progress_bar: bool = False, pretrain_deployment: str | None = None) -> dict[str, Any]:
+               progress_bar: bool = False, pretrain_deployment: str | None = None,
+               project: str | None = None) -> dict[str, Any]:
     """Pretrain, evaluate and register an encoder on the current store.
 
-    `params_files` are applied in order over `params/*.yaml` (the last one also feeds the
-    tracking and pipeline loaders); `overrides` are `--set` style `key=value` strings of any
-    section. `protocols` None = `eval.protocols` (add `finetune` there to fine-tune too).
+    Settings: `params_files` in order over the defaults (None = the project's params.yaml),
+    then `overrides` (`--set` style `key=value` strings of any section); loaded once here.
+    `protocols` None = `eval.protocols` (add `finetune` there to fine-tune too).
     `pretrain_deployment` None = `pipeline.pretrain_deployment`; "" = pretrain in this process.
     """
-    from sslflow.core.settings import load_params
-    from sslflow.tasks.data.ingest import load_params as load_ingest_params
-    from sslflow.tasks.pipeline.decisions import (
-        load_pipeline_params,
-        markdown_report,
-        partition_overrides,
-        store_data_version,
-    )
+    from sslflow.core.settings import load_settings
+    from sslflow.tasks.data.versioning import store_data_version
+    from sslflow.tasks.pipeline.decisions import markdown_report
     from sslflow.tasks.pipeline.steps import (
         evaluate_step,
         log_step,
         pretrain_step,
-        promote_step,
         register_step,
         validate_step,
         with_retries,
     )
-    from sslflow.tasks.tracking.track import (
-        check_tracking_server,
-        load_tracking_params,
-        resolve_tracking_uri,
-        tracking_run,
-    )
+    from sslflow.tasks.tracking.backend import check_tracking_server, resolve_tracking_uri
+    from sslflow.tasks.tracking.run import tracking_run
 
     logger = get_run_logger()
-    files = [str(f) for f in params_files or []]
-    last = files[-1] if files else None
-    ov = partition_overrides(list(overrides or []))
-    pp = load_pipeline_params(last, ov["pipeline"]).pipeline
-    tp = load_tracking_params(last, ov["tracking"])
-    params = load_params(files, ov["engine"])
-    data_params = load_ingest_params(last, ov["data"])
-    protocols = list(protocols or params.eval.protocols)
-    store_root = Path(store or pp.store)
-    reports = Path(reports_dir or pp.reports)
-    run_dir = Path(runs_dir or pp.runs) / (run_name or time.strftime("%Y%m%d-%H%M%S"))
+    settings = load_settings(params_files, overrides or (), project=project)
+    pp = settings.pipeline
+    protocols = list(protocols or settings.eval.protocols)
+    store_root = settings.path(store or pp.store)
+    reports = settings.path(reports_dir or pp.reports)
+    run_dir = settings.path(runs_dir or pp.runs) / (run_name or time.strftime("%Y%m%d-%H%M%S"))
     train, test = store_root / "train", store_root / "test"
 
-    uri = resolve_tracking_uri(tp.tracking)
-    check_tracking_server(uri, tp.tracking.preflight_timeout_s)  # before any work: one line naming the URI
+    uri = resolve_tracking_uri(settings)
+    check_tracking_server(uri, settings.tracking.preflight_timeout_s)  # before any work: one line naming the URI
 
-    checked = {split.name: validate_step(split, data_params, reports) for split in (train, test)}
+    checked = {split.name: validate_step(split, settings, reports) for split in (train, test)}
     train_images = checked["train"]["images"]
     data_version = data_version or store_data_version(store_root)
     io = dict(retries=pp.retries, first_delay_s=pp.retry_delay_s)
 
-    with tracking_run(params, tp.tracking, run_name=run_dir.name, data_version=data_version,
+    with tracking_run(settings, run_name=run_dir.name, data_version=data_version,
                       tags={"train_images": train_images, "test_images": checked["test"]["images"]},
                       check=False) as run:
         logger.info("MLflow run %s on %s", run.run_id, uri)
         remote = pp.pretrain_deployment if pretrain_deployment is None else pretrain_deployment
         if remote:
-            result = _pretrain_remotely(remote, store_root, run_dir, files, list(overrides or []), run,
-                                        data_version, progress_bar)
+            result = _pretrain_remotely(remote, store_root, run_dir, params_files, list(overrides or []), run,
+                                        data_version, progress_bar, str(settings.project))
         else:
-            result = pretrain_step(train, run_dir, params, eval_train=train, eval_test=test,
+            result = pretrain_step(train, run_dir, settings, eval_train=train, eval_test=test,
                                    callbacks=[run.callback()], progress_bar=progress_bar, gpu_limit=pp.gpu_limit)
-        report = evaluate_step(run_dir, train, test, params, protocols)
+        report = evaluate_step(run_dir, train, test, settings, protocols)
         gx = [Path(c["report"]) for c in checked.values() if c.get("report")]
-        with_retries(log_step, **io)(run, run_dir, params, report, train_store=train, test_store=test,
+        with_retries(log_step, **io)(run, run_dir, settings, report, train_store=train, test_store=test,
                                      gx_report=[p for p in gx if p.exists()] or None)
-        mv = with_retries(register_step, **io)(run, run_dir, report, tp, train_images=train_images,
-                                               data_version=data_version, test_store=test)
-        decision = promote_step(run, tp, str(mv.version), report)
+        decision = register_step(run, run_dir, report, settings, train_images=train_images,
+                                 data_version=data_version, test_store=test)
 
     metrics = {**{f"eval/{k}": v for k, v in report.metrics.items()},
                **{f"pretrain/{k}": result.metrics[k] for k in ("knn_top1", "knn_top1_at_init", "final_loss")
@@ -116,14 +102,15 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
             "data_version": data_version}
 
 
-def _pretrain_remotely(deployment: str, store_root: Path, run_dir: Path, files: list[str], overrides: list[str],
-                       run: Any, data_version: str | None, progress_bar: bool) -> Any:
+def _pretrain_remotely(deployment: str, store_root: Path, run_dir: Path, files: list[str] | None, overrides: list[str],
+                       run: Any, data_version: str | None, progress_bar: bool, project: str) -> Any:
     """Pretraining as a run of `deployment` (a subflow run of this one) into this flow's MLflow
     run; the run records which deployment and flow run did it."""
-    from sslflow.flows.pretrain import remote_parameters, run_remote_pretrain
+    from sslflow.flows.remote import remote_parameters, run_remote_pretrain
 
     params = remote_parameters(store_root, run_dir, files, overrides, tracking_uri=run.tracking_uri,
-                               mlflow_run_id=run.run_id, data_version=data_version, progress_bar=progress_bar)
+                               mlflow_run_id=run.run_id, data_version=data_version, progress_bar=progress_bar,
+                               project=project)
     result = run_remote_pretrain(deployment, params)
     run.set_tags({"pretrain.deployment": deployment, "pretrain.flow_run": result.flow_run_name})
     return result

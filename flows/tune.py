@@ -1,9 +1,10 @@
 """The `tune` flow: validate the store -> Optuna study -> best params file -> train the best.
 
     from sslflow.flows.tune import tune_flow
-    tune_flow(trials=20, params_files=["params/profiles/demo.yaml"])
+    tune_flow(trials=20)                                  # on the project's params.yaml
+    tune_flow(trials=20, params_files=["params/profiles/cifar10-moco.yaml"])
 
-The study is the `tune` task around `tasks.tune.tune` (see there for storage, heartbeats,
+The study is the `tune` task around `sslflow.tasks.tuning.study.tune` (see there for storage, heartbeats,
 resumption and pruning). With `train_best` (default `tune.train_best`) the best
 configuration, written to `tune.output`, goes to the `train` flow as a subflow with the full
 number of epochs: evaluation, registration and the promotion gate decide whether it becomes
@@ -13,7 +14,6 @@ the champion. Extra workers join the same study with `sslflow tune --no-train --
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -22,8 +22,8 @@ from prefect.cache_policies import NO_CACHE
 
 
 @task(name="tune", cache_policy=NO_CACHE)
-def tune_step(store: str, params_files: list[str], overrides: list[str], gpu_limit: str = "", **kwargs: Any) -> Any:
-    """`tasks.tune.tune`; with `gpu_limit` the study holds one slot of that global
+def tune_step(store: str, settings: Any, gpu_limit: str = "", **kwargs: Any) -> Any:
+    """`sslflow.tasks.tuning.study.tune`; with `gpu_limit` the study holds one slot of that global
     concurrency limit (one GPU) while its trials run one after the other."""
     from contextlib import nullcontext
 
@@ -37,41 +37,42 @@ def tune_step(store: str, params_files: list[str], overrides: list[str], gpu_lim
     else:
         slot = nullcontext()
     with slot:
-        return tune(store, params_files, overrides, log=logger.info, **kwargs)
+        return tune(store, settings, log=logger.info, **kwargs)
 
 
 @flow(name="tune", log_prints=True)
 def tune_flow(trials: int | None = None, study: str | None = None, storage: str | None = None,
               timeout_s: float | None = None, params_files: list[str] | None = None,
               overrides: list[str] | None = None, train_best: bool | None = None,
-              store: str | None = None, output: str | None = None) -> dict[str, Any]:
+              store: str | None = None, output: str | None = None, project: str | None = None) -> dict[str, Any]:
     """Search `tune.space` for `trials` finished trials, then (optionally) train the best.
-    None = the value in `params/tune.yaml` / `params/pipeline.yaml`."""
+
+    Settings: `params_files` (None = the project's params.yaml) then `overrides`; an argument
+    left None takes its `tune.*` / `pipeline.*` setting."""
+    from sslflow.core.project import PARAMS_FILE
+    from sslflow.core.settings import load_settings
     from sslflow.flows.train import train_flow
-    from sslflow.tasks.data.ingest import load_params as load_ingest_params
-    from sslflow.tasks.pipeline.decisions import load_pipeline_params, markdown_report, partition_overrides
+    from sslflow.tasks.pipeline.decisions import markdown_report
     from sslflow.tasks.pipeline.steps import validate_step
-    from sslflow.tasks.tuning.space import load_tune_params
 
-    files = [str(f) for f in params_files or []]
-    last = files[-1] if files else None
     overrides = list(overrides or [])
-    ov = partition_overrides(overrides)
-    pp = load_pipeline_params(last, ov["pipeline"]).pipeline
-    cfg = load_tune_params(last, [o for o in overrides if o.startswith("tune.")]).tune
-    data_params = load_ingest_params(last, ov["data"])
-    store_root = Path(store or pp.store)
+    settings = load_settings(params_files, overrides, project=project)
+    pp, cfg = settings.pipeline, settings.tune
+    store_root = settings.path(store or pp.store)
     for split in ("train", "test"):
-        validate_step(store_root / split, data_params, Path(pp.reports))
+        validate_step(store_root / split, settings, settings.path(pp.reports))
+    base_file = params_files[-1] if params_files else settings.project / PARAMS_FILE
 
-    result = tune_step(str(store_root), files, overrides, gpu_limit=pp.gpu_limit, trials=trials, study=study,
-                       storage=storage, timeout_s=timeout_s, output=output)
+    result = tune_step(str(store_root), settings, gpu_limit=pp.gpu_limit, trials=trials, study=study,
+                       storage=storage, timeout_s=timeout_s, output=output, base_file=base_file)
     summary: dict[str, Any] = {"tune": result.to_dict(), "trained": False}
     train_best = cfg.train_best if train_best is None else train_best
     trained: dict[str, Any] = {}
     if train_best and result.output:
-        trained = train_flow(store=str(store_root), params_files=[*files, result.output], overrides=overrides,
-                             run_name=f"tune-{result.study}-best")
+        tuned = {key.split("[", 1)[0] for key in result.best_params}  # an override must not undo what was tuned
+        kept = [o for o in overrides if o.split("=", 1)[0].strip() not in tuned]
+        trained = train_flow(store=str(store_root), params_files=[*(params_files or []), result.output],
+                             overrides=kept, run_name=f"tune-{result.study}-best", project=str(settings.project))
         summary.update(trained=True, train=trained)
         _link_best_run(result, trained)
     elif train_best:

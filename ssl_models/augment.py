@@ -31,7 +31,8 @@ Pipeline of one view (SimCLR / BYOL / DINO recipes), top to bottom:
 3. random grayscale (``cfg.grayscale_prob``), still 3 channels;
 4. Gaussian blur (``view.blur_prob``, sigma uniform in ``cfg.blur_sigma``, in output pixels);
 5. solarize (``view.solarize_prob``, threshold 0.5);
-6. normalise with ``cfg.mean`` / ``cfg.std``; the result is float32, channels_last.
+6. normalise with the run's mean / std; the result is float32, channels_last on CUDA
+   (contiguous on the CPU, see `model_layout`).
 
 Images are (B, H, W, 3) uint8 NHWC (the store's layout) and become float32 in [0, 1]; every
 colour op takes and returns images in [0, 1], clamped like torchvision's.
@@ -47,8 +48,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from sslflow.ssl_models.config import AugmentConfig
-from sslflow.ssl_models.methods.base import ViewSpec
+from sslflow.ssl_models.views import ViewSpec
 
 __all__ = [
     "CROP_ATTEMPTS",
@@ -63,6 +63,7 @@ __all__ = [
     "eval_view",
     "gaussian_blur",
     "gaussian_kernels",
+    "model_layout",
     "normalize",
     "random_grayscale",
     "resized_crop",
@@ -121,21 +122,32 @@ def _channel_constant(values: tuple[float, ...], device: torch.device) -> torch.
     return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
 
 
+def model_layout(device: torch.device) -> torch.memory_format:
+    """The memory layout of network inputs on `device`: channels_last on CUDA, where cuDNN's
+    NHWC kernels pay; contiguous NCHW elsewhere. On the CPU, torch 2.14's channels_last
+    convolution backward corrupts the heap for narrow networks at larger images (a ResNet-18
+    with an 8-channel first stage on 96 px inputs aborts in 3 of 3 runs; width 64 or NCHW
+    inputs run cleanly), and NCHW is as fast there anyway."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def normalize(
     x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
-    """(x - mean) / std per channel; returns a new channels_last float tensor.
+    """(x - mean) / std per channel; returns a new float tensor in `model_layout` (channels_last
+    on CUDA, contiguous elsewhere).
 
     `mean`/`std` are 3 numbers (cached as device constants) or tensors broadcastable to
-    (1, 3, 1, 1). Writing straight into a channels_last buffer makes the layout change free.
+    (1, 3, 1, 1). Writing straight into a buffer of the target layout makes the change free.
     """
     if not isinstance(mean, torch.Tensor):
         mean = _channel_constant(tuple(float(m) for m in mean), x.device)
     if not isinstance(std, torch.Tensor):
         std = _channel_constant(tuple(float(s) for s in std), x.device)
+    layout = model_layout(x.device)
     if x.requires_grad:  # out= does not support autograd; keep the function usable anyway
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-    out = torch.empty_like(x, memory_format=torch.channels_last)
+        return ((x - mean) / std).contiguous(memory_format=layout)
+    out = torch.empty_like(x, memory_format=layout)
     torch.sub(x, mean, out=out)
     return out.div_(std)
 
@@ -143,7 +155,7 @@ def normalize(
 def eval_view(
     images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
-    """No augmentation: (B, H, W, 3) uint8 -> normalised (B, 3, H, W) float32, channels_last."""
+    """No augmentation: (B, H, W, 3) uint8 -> normalised (B, 3, H, W) float32 in `model_layout`."""
     return normalize(to_float(images), mean, std)
 
 
@@ -447,49 +459,36 @@ class BatchAugment:
     """Draws len(views) augmented views of a uint8 batch, per-image random parameters.
 
     ``aug(images, generator)`` with images (B, H, W, 3) uint8 on the device and a generator
-    on the same device returns one float32 (B, 3, view.size, view.size) channels_last tensor
-    per ViewSpec, normalised with cfg.mean / cfg.std. Multi-crop is just more ViewSpecs
-    (sizes may differ). Colour-jitter ranges follow SimCLR's strength s: brightness,
-    contrast, saturation factors uniform in [max(0, 1 - 0.8 s), 1 + 0.8 s], hue shift
-    uniform in [-0.2 s, 0.2 s] (at most half a turn), in the fixed order brightness ->
-    contrast -> saturation -> hue (torchvision shuffles it; see the module docstring).
+    on the same device returns one float32 (B, 3, view.size, view.size) tensor per `ViewSpec`
+    (channels_last on CUDA, contiguous elsewhere), normalised with `mean` / `std`. Multi-crop
+    is just more ViewSpecs (sizes may differ); each carries its own recipe (see
+    `ssl_models.views`), applied in the fixed order brightness -> contrast -> saturation ->
+    hue (torchvision shuffles it; see the module docstring).
 
     Randomness: one ``torch.rand((len(views), B, NUM_UNIFORMS), generator=...)`` per call;
     view i reads row block i with the fixed column layout ``_U_*``. `compile=True` wraps the
     per-view pipeline (everything after the draw) in ``torch.compile``.
     """
 
-    def __init__(self, cfg: AugmentConfig, views: Sequence[ViewSpec], *, compile: bool = False) -> None:
+    def __init__(self, views: Sequence[ViewSpec], mean: Sequence[float], std: Sequence[float], *,
+                 compile: bool = False) -> None:
         if not views:
             raise ValueError("BatchAugment needs at least one ViewSpec")
-        for name, p in (("flip_prob", cfg.flip_prob), ("jitter_prob", cfg.jitter_prob),
-                        ("grayscale_prob", cfg.grayscale_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"augment.{name} must be in [0, 1], got {p}")
-        if cfg.strength < 0:
-            raise ValueError(f"augment.strength must be >= 0, got {cfg.strength}")
-        if not 0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1]:
-            raise ValueError(f"augment.crop_ratio must satisfy 0 < min <= max, got {cfg.crop_ratio}")
-        for v in views:
-            if v.size <= 0 or not 0.0 < v.scale[0] <= v.scale[1] <= 1.0:
-                raise ValueError(f"bad ViewSpec {v}: size > 0 and 0 < scale min <= max <= 1 required")
-            if not (0.0 <= v.blur_prob <= 1.0 and 0.0 <= v.solarize_prob <= 1.0):
-                raise ValueError(f"bad ViewSpec {v}: probabilities must be in [0, 1]")
-        s = float(cfg.strength)
-        self.cfg = cfg
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
         self.views = tuple(views)
         self.plans: tuple[_ViewPlan, ...] = tuple(
             _ViewPlan(
                 size=int(v.size),
                 scale=(float(v.scale[0]), float(v.scale[1])),
-                ratio=(float(cfg.crop_ratio[0]), float(cfg.crop_ratio[1])),
-                flip_prob=float(cfg.flip_prob),
-                jitter_prob=float(cfg.jitter_prob),
-                jitter_range=(max(0.0, 1.0 - 0.8 * s), 1.0 + 0.8 * s),
-                hue_max=min(0.2 * s, 0.5),
-                grayscale_prob=float(cfg.grayscale_prob),
+                ratio=(float(v.ratio[0]), float(v.ratio[1])),
+                flip_prob=float(v.flip_prob),
+                jitter_prob=float(v.jitter_prob),
+                jitter_range=(max(0.0, 1.0 - 0.8 * v.jitter_strength), 1.0 + 0.8 * v.jitter_strength),
+                hue_max=min(0.2 * v.jitter_strength, 0.5),
+                grayscale_prob=float(v.grayscale_prob),
                 blur_prob=float(v.blur_prob),
-                blur_sigma=(float(cfg.blur_sigma[0]), float(cfg.blur_sigma[1])),
+                blur_sigma=(float(v.blur_sigma[0]), float(v.blur_sigma[1])),
                 blur_kernel=blur_kernel_size(int(v.size)),
                 solarize_prob=float(v.solarize_prob),
             )
@@ -514,6 +513,6 @@ class BatchAugment:
         with torch.autocast(images.device.type, enabled=False):
             x = to_float(images)
             return [
-                normalize(self._view_fn(x, u[i], plan), self.cfg.mean, self.cfg.std)
+                normalize(self._view_fn(x, u[i], plan), self.mean, self.std)
                 for i, plan in enumerate(self.plans)
             ]

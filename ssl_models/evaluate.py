@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from sslflow.ssl_models.augment import BatchAugment, eval_view
 from sslflow.ssl_models.config import AugmentConfig, EvalConfig
-from sslflow.ssl_models.methods.base import ViewSpec
+from sslflow.ssl_models.errors import EngineError
 from sslflow.ssl_models.store import ImageStore
+from sslflow.ssl_models.views import ViewSpec
 
 PROTOCOLS = ("knn", "linear", "finetune")
 
@@ -48,7 +49,7 @@ FINETUNE_FLIP_PROB = 0.5
 KNN_CHUNK_ELEMENTS = 1 << 25
 
 
-class EvaluationError(ValueError):
+class EvaluationError(EngineError, ValueError):
     """The inputs of an evaluation are unusable; the message names the problem in one line."""
 
 
@@ -188,7 +189,7 @@ def extract_features(encoder: nn.Module, images: Tensor | np.ndarray, mean: Sequ
                 if cuda and batch.device.type == "cpu":
                     batch = batch.pin_memory()
                 batch = batch.to(device, non_blocking=cuda)
-            x = eval_view(batch, mean, std)  # float32, channels_last (free from NHWC uint8)
+            x = eval_view(batch, mean, std)  # float32, channels_last on CUDA (free from NHWC uint8)
             with _autocast(device):
                 f = encoder(x)
             f = f.flatten(1).float()
@@ -440,11 +441,8 @@ def finetune(encoder: nn.Module, train_images: Tensor | np.ndarray, train_labels
     ]
     opt = torch.optim.SGD([gr for gr in groups if gr["params"]], lr=head_lr, momentum=0.9)
 
-    train_aug = BatchAugment(
-        dataclasses.replace(aug, jitter_prob=0.0, grayscale_prob=0.0, flip_prob=FINETUNE_FLIP_PROB,
-                            crop_scale=FINETUNE_CROP_SCALE),
-        [ViewSpec(size=h, scale=FINETUNE_CROP_SCALE)],
-    )
+    train_aug = BatchAugment([ViewSpec(size=h, scale=FINETUNE_CROP_SCALE, ratio=tuple(aug.crop_ratio),
+                                       flip_prob=FINETUNE_FLIP_PROB)], aug.mean, aug.std)
     g_order = _generator(device, seed)
     g_aug = _generator(device, seed + 1)
     steps_per_epoch = n // batch
@@ -456,7 +454,7 @@ def finetune(encoder: nn.Module, train_images: Tensor | np.ndarray, train_labels
         perm = torch.randperm(n, generator=g_order, device=device)
         for s in range(steps_per_epoch):
             idx = perm[s * batch:(s + 1) * batch]
-            (x,) = train_aug(x_train[idx], g_aug)  # channels_last already
+            (x,) = train_aug(x_train[idx], g_aug)  # the model layout already
             for group in opt.param_groups:
                 group["lr"] = _cosine(group["base_lr"], step, total)
             with _autocast(device):

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedule for pretraining.
+"""Optimisers and learning-rate schedule for pretraining: LARS, SGD, AdamW; warm-up + cosine.
 
 LARS (You et al., 2017) as SimCLR/BYOL use it: SGD with momentum whose update of each weight
 tensor is scaled by a trust ratio ||w|| / ||g||. Biases and BatchNorm parameters are
@@ -54,7 +54,10 @@ class LARS(Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weights get decay (and LARS adaptation); biases and norm parameters get neither."""
+    """Weights get decay (and LARS adaptation); biases and norm parameters get neither.
+
+    The default of `SSLMethod.param_groups`, for plain modules (fine-tuning, tests).
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -65,15 +68,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> Optimizer:
-    groups = param_groups(model, weight_decay)
+def build_optimizer(groups: nn.Module | list[dict], name: str, lr: float, momentum: float = 0.9,
+                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
+    """`lars` | `sgd` | `adamw` over parameter groups (`SSLMethod.param_groups`, or a module whose
+    groups are then the default decay / no-decay split with `weight_decay`).
+
+    Groups carry their own `weight_decay` and a `lars` flag (read by LARS only). AdamW decays
+    decoupled from the gradient (Loshchilov & Hutter), the MAE / ViT convention.
+    """
+    if isinstance(groups, nn.Module):
+        groups = param_groups(groups, weight_decay)
+    groups = [dict(g) for g in groups if g["params"]]
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
+    for g in groups:
+        g.pop("lars", None)
     if name == "sgd":
-        for g in groups:
-            g.pop("lars")
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r} (lars, sgd)")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    raise ValueError(f"unknown optimizer {name!r} (lars, sgd, adamw)")
 
 
 class WarmupCosine:

@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sslflow.ssl_models.errors import EngineError
+
 INDEX = "store.json"
 FORMAT = "sslflow-image-store"
 VERSION = 1
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
-class StoreError(ValueError):
+class StoreError(EngineError, ValueError):
     """A store is missing, malformed, or cannot take the data it was given."""
 
 
@@ -196,69 +197,6 @@ class ImageStore:
         for f in (self.root / "shards").iterdir():
             if f.name not in keep:
                 f.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------- from folders
-def scan_image_folder(root: Path) -> list[tuple[Path, str | None]]:
-    """(file, class) pairs: `<root>/<class>/*.<img>` are labeled, `<root>/*.<img>` are not."""
-    items: list[tuple[Path, str | None]] = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir():
-            items += [(f, entry.name) for f in sorted(entry.iterdir())
-                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
-            items.append((entry, None))
-    return items
-
-
-def load_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
-    """Decode to RGB uint8 (H, W, 3); if `size` differs, resize the shorter side and center-crop."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        if size is not None and im.size != (size[1], size[0]):
-            im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.BICUBIC)
-        return np.asarray(im, dtype=np.uint8)
-
-
-def store_from_folder(folder: str | os.PathLike, out: str | os.PathLike, size: int | None = None) -> ImageStore:
-    """The simple writer: an image folder -> a new store with one shard.
-
-    `size` None keeps the images' size when they all share one; otherwise every image is
-    resized (shorter side) and center-cropped to a square of the median shorter side. Robust
-    ingestion (quarantine, dedupe, manifest) is `sslflow ingest`; this is for folders you trust.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise StoreError(f"{folder} is not a directory")
-    items = scan_image_folder(folder)
-    if not items:
-        raise StoreError(f"{folder} holds no images (<class>/*.jpg or *.jpg)")
-    decoded = [load_image(p, (size, size) if size else None) for p, _ in items]
-    if len({im.shape for im in decoded}) > 1:
-        side = int(np.median([min(im.shape[:2]) for im in decoded]))
-        decoded = [load_image(p, (side, side)) for p, _ in items]
-    images = np.stack(decoded)
-    hw = images.shape[1:3]
-    store = ImageStore.create(out, *hw)
-    store.add(images, [c for _, c in items])
-    return store
-
-
-def open_images(path: str | os.PathLike, cache_dir: str | os.PathLike) -> ImageStore:
-    """A store as is, or an image folder converted once into `cache_dir`."""
-    path = Path(path)
-    if ImageStore.is_store(path):
-        return ImageStore.open(path)
-    if not path.exists():
-        raise StoreError(f"{path} does not exist")
-    if not path.is_dir():
-        raise StoreError(f"{path} is neither an image store nor an image folder")
-    cached = Path(cache_dir) / f"{path.resolve().name}-store"
-    if ImageStore.is_store(cached):
-        return ImageStore.open(cached)
-    return store_from_folder(path, cached)
 
 
 # --------------------------------------------------------------------------------- reading

@@ -1,10 +1,11 @@
 """The pretraining loop, readable top to bottom.
 
 Per step: gather a uint8 batch already on the device -> draw the method's views with
-per-image random augmentation -> loss under bf16 autocast (CUDA) -> backward -> optimizer
-and schedule step -> the method's momentum/EMA update. Nothing in a step waits for the GPU:
-the loss is accumulated on the device and read (and checked for NaN/inf) only every
-`log_every` steps, before each checkpoint and at epoch end.
+per-image random augmentation -> loss and metrics under bf16 autocast (CUDA) -> backward ->
+the method's gradient hook -> optimizer and schedule step -> the method's momentum/EMA
+update. Nothing in a step waits for the GPU: the loss and the method's metrics are
+accumulated on the device and read (and checked for NaN/inf) only every `log_every` steps,
+before each checkpoint and at epoch end.
 
 Checkpoints hold the method (networks, EMA copies, queues, centres), optimizer, schedule,
 position in the epoch, metric accumulators and every RNG state, so a run killed at any
@@ -35,29 +36,29 @@ from tqdm import tqdm
 
 from sslflow.ssl_models import distributed
 from sslflow.ssl_models.augment import BatchAugment
-from sslflow.ssl_models.backbones import SSLResNet, build_backbone
+from sslflow.ssl_models.backbones import Backbone, build_backbone
 from sslflow.ssl_models.checkpoint import (
     atomic_save,
+    load_data,
     remove_stale_temporaries,
     rng_state,
     save_encoder,
     set_rng_state,
 )
-from sslflow.ssl_models.config import Params, as_dict, flatten
+from sslflow.ssl_models.config import EngineSettings, engine_flat, resumable
+from sslflow.ssl_models.errors import ConfigError, RunStateError, TrainingDiverged
 from sslflow.ssl_models.evaluate import extract_features, knn_classify, map_test_labels
-from sslflow.ssl_models.methods import METHODS, SSLMethod
+from sslflow.ssl_models.methods import METHODS, Batch, SSLMethod, TrainContext
 from sslflow.ssl_models.optim import WarmupCosine, build_optimizer
 from sslflow.ssl_models.store import DeviceBatches, ImageStore
 
 CHECKPOINT = "checkpoints/last.pt"
-# Keys that may change between a run and its resumption without changing the result
-# (`world_size`: the number of DDP ranks, which only changes float summation order).
-RESUMABLE_CHANGES = {"device", "pretrain.compile", "pretrain.log_every", "pretrain.checkpoint_every",
-                     "pretrain.eval_every", "world_size"}
+#: Besides the settings declared `resumable`: the number of DDP ranks, which only changes the
+#: order of float summations.
+RESUMABLE_RUN_KEYS = {"world_size"}
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+__all__ = ["CHECKPOINT", "Callback", "History", "PretrainResult", "Pretrainer", "TrainingDiverged",
+           "build_method", "method_views", "resolve_device", "train_context"]
 
 
 class Callback(Protocol):
@@ -85,9 +86,17 @@ def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda if available; under torchrun `cuda` is this rank's `cuda:LOCAL_RANK`."""
     if name == "auto":
         return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} requested but MPS is not available")
     return distributed.local_device(device)
 
 
@@ -114,16 +123,32 @@ class ShardedAugment(BatchAugment):
         return self.apply(images, u[:, self.rank * b:(self.rank + 1) * b])
 
 
-def build_method(params: Params, device: torch.device) -> SSLMethod:
+def train_context(params: EngineSettings, image_size: int, steps_per_epoch: int = 1) -> TrainContext:
+    """What a method is told about a run on `image_size` px images (see `TrainContext`)."""
+    aug = params.augment
+    return TrainContext(image_size=image_size, view_size=aug.global_size or image_size,
+                        batch_size=params.pretrain.batch_size, epochs=params.pretrain.epochs,
+                        steps_per_epoch=steps_per_epoch, mean=tuple(aug.mean), std=tuple(aug.std), augment=aug)
+
+
+def method_views(params: EngineSettings, image_size: int) -> list:
+    """The configured method's view recipes on `image_size` px images (no network is built)."""
+    method = METHODS[params.pretrain.method]
+    return method.view_specs(params.pretrain.method_config, train_context(params, image_size))
+
+
+def build_method(params: EngineSettings, ctx: TrainContext, device: torch.device) -> SSLMethod:
     """Seeded construction, so the initial weights are a function of `params.seed` (on every rank).
 
-    With several ranks every BatchNorm becomes a synced one (same state_dict keys), so the
-    statistics are the global batch's, as in the single-process run.
+    The backbone comes from the registry (`backbone.name`, built for the view size), the method
+    from `pretrain.method` with its own section `pretrain.<method>`. With several ranks every
+    BatchNorm becomes a synced one (same state_dict keys), so the statistics are the global
+    batch's, as in the single-process run.
     """
     cfg = params.pretrain
     torch.manual_seed(params.seed)
-    backbone = build_backbone(cfg.backbone, cfg.width)
-    method = METHODS[cfg.method](backbone, backbone.feature_dim, cfg).to(device)
+    backbone = build_backbone(params.backbone, ctx.view_size)
+    method = METHODS[cfg.method](backbone, cfg.method_config, ctx).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     if distributed.world_size() > 1:
@@ -133,60 +158,64 @@ def build_method(params: Params, device: torch.device) -> SSLMethod:
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
     diff = sorted(k for k in set(saved) | set(now)
-                  if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("eval."))
+                  if saved.get(k) != now.get(k) and k not in RESUMABLE_RUN_KEYS and not resumable(k))
     if diff:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
-        raise ValueError(f"cannot resume: parameters differ from the checkpoint ({changes})")
+        raise RunStateError(f"cannot resume: settings differ from the checkpoint ({changes}); resume with "
+                            "the original settings or start a new run")
 
 
 class Pretrainer:
     """One pretraining run in `run_dir`: build, optionally resume, `fit()`."""
 
-    def __init__(self, store: ImageStore, params: Params, run_dir: Path, *, resume: bool = False,
+    def __init__(self, store: ImageStore, params: EngineSettings, run_dir: Path, *, resume: bool = False,
                  callbacks: Sequence[Callback] = (), eval_stores: tuple[ImageStore, ImageStore] | None = None,
                  progress_bar: bool = True) -> None:
         if store.height != store.width:
-            raise ValueError(f"pretraining needs square images; the store holds {store.height}x{store.width}")
+            raise ConfigError(f"pretraining needs square images; the store holds {store.height}x{store.width}")
         self.params, self.cfg, self.run_dir = params, params.pretrain, Path(run_dir)
         checkpoint = self.run_dir / CHECKPOINT
         if checkpoint.is_file() and not resume:  # before any work: the data may be large
-            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it "
-                             "or choose another output directory")
+            raise RunStateError(f"{self.run_dir} already holds a run; pass --resume to continue it "
+                                "or choose another output directory")
         self.device = resolve_device(params.device)
         distributed.init_from_env(self.device)  # no-op without torchrun
         self.world_size = distributed.world_size()
         self.rank = distributed.rank() if self.world_size > 1 else 0  # a lone process always reports
         self.is_main = self.rank == 0
         if self.cfg.batch_size % self.world_size:
-            raise ValueError(f"pretrain.batch_size ({self.cfg.batch_size}) is the global batch and must be "
-                             f"divisible by the number of ranks ({self.world_size})")
+            raise ConfigError(f"pretrain.batch_size ({self.cfg.batch_size}) is the global batch and must be "
+                              f"divisible by the number of ranks ({self.world_size})")
         # rank 0 alone reports: the other ranks get no callbacks and no progress bar
         self.callbacks = list(callbacks) if self.is_main else []
         self.progress_bar = progress_bar and self.is_main
         self.image_size = store.height
-        self.flat_params = flatten(as_dict(params))
+        self.flat_params = engine_flat(params)
         self.data_fingerprint = {"images": len(store), "shards": [sh.id for sh in store.shards]}
 
-        self.method = build_method(params, self.device)
-        self.augment = ShardedAugment(params.augment, self.method.views(params.augment, self.image_size),
-                                      compile=self.cfg.compile and self.device.type == "cuda",
-                                      rank=self.rank, world_size=self.world_size)
         self.batches = DeviceBatches(store, self.cfg.batch_size, self.device, params.seed,
                                      rank=self.rank, world_size=self.world_size)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
+        aug = params.augment
+        self.context = train_context(params, self.image_size, self.steps_per_epoch)
+        self.method = build_method(params, self.context, self.device)
+        views = self.method.views()
+        self.augment = ShardedAugment(views, aug.mean, aug.std, compile=self.cfg.compile and self.device.type == "cuda",
+                                      rank=self.rank, world_size=self.world_size) if views else None
         lr = self.cfg.lr * self.cfg.batch_size / 256  # the global batch, whatever the number of ranks
-        self.optimizer = build_optimizer(self.method, self.cfg.optimizer, lr, self.cfg.momentum,
-                                         self.cfg.weight_decay)
+        self.optimizer = build_optimizer(self.method.param_groups(self.cfg.weight_decay), self.cfg.optimizer, lr,
+                                         momentum=self.cfg.momentum, betas=self.cfg.betas)
         warmup = round(self.cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(warmup, self.total_steps))
         self.generator = torch.Generator(self.device).manual_seed(params.seed)  # the same on every rank
         self.eval_images = self._load_eval(eval_stores) if self.is_main else None
 
-        # Position and accumulators: all of it goes into the checkpoint.
+        # Position and accumulators: all of it goes into the checkpoint. `sums` (since the
+        # last log) and `epoch_sums` hold the loss and the method's metrics, on the device.
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
-        self.loss_sum = torch.zeros((), device=self.device)  # since the last log
-        self.epoch_loss_sum = torch.zeros((), device=self.device)
+        self.sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
+        self.epoch_sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.history = History()
         self.train_seconds = 0.0
@@ -194,17 +223,17 @@ class Pretrainer:
         if resume and checkpoint.is_file():
             self._restore(checkpoint)
         if not distributed.same_on_all_ranks(self.step, self.device):
-            raise ValueError(f"the ranks resume from different steps: is {self.run_dir} on a filesystem "
-                             "every node shares?")
+            raise RunStateError(f"the ranks resume from different steps: is {self.run_dir} on a filesystem "
+                                "every node shares?")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "params.json").write_text(json.dumps(self.flat_params, indent=1))
         if self.cfg.compile and self.device.type == "cuda" and self.world_size == 1:
-            # every ResNet of the method (online, momentum/EMA/teacher copies); in place, so
+            # every backbone of the method (online, momentum/EMA/teacher copies); in place, so
             # state_dict keys stay the same. Not under DDP: torch.compile of SyncBatchNorm is
             # not reliably supported (pytorch/pytorch#107372), the backbones then run eagerly.
             for module in self.method.modules():
-                if isinstance(module, SSLResNet):
+                if isinstance(module, Backbone):
                     module.compile()
         # What the loop calls: DDP around the method with several ranks (gradients averaged
         # in backward), the method itself otherwise. `self.method` stays the unwrapped module
@@ -219,7 +248,7 @@ class Pretrainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(self.generator),
             "position": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step},
-            "accumulators": {"loss_sum": self.loss_sum, "epoch_loss_sum": self.epoch_loss_sum},
+            "accumulators": {"sums": dict(self.sums), "epoch_sums": dict(self.epoch_sums)},
             "history": asdict(self.history),
             "train_seconds": self.train_seconds,
             "params": self.flat_params,
@@ -232,38 +261,48 @@ class Pretrainer:
         """Refuse to overwrite the last good checkpoint with diverged weights; rank 0 writes.
 
         Every rank must call it (the divergence check averages the accumulators over ranks).
+        Diverged means a non-finite loss since the last check, or a non-finite weight or buffer
+        (BatchNorm statistics can overflow while the loss still looks finite).
         """
         self._raise_if_diverged()
         if self.is_main:
+            tensors = [t for t in (*self.method.parameters(), *self.method.buffers()) if t.is_floating_point()]
+            if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+                raise TrainingDiverged(
+                    f"weights or BatchNorm statistics became NaN/inf at step {self.step} (epoch {self.epoch}); "
+                    f"the last good checkpoint is kept in {self.run_dir / CHECKPOINT}. Lower pretrain.lr.")
             atomic_save(self._state(), self.run_dir / CHECKPOINT)
 
     def _restore(self, path: Path) -> None:
         if self.is_main:  # the only writer
             remove_stale_temporaries(path.parent)
         # on the CPU: RNG states must stay CPU tensors; load_state_dict copies weights to the device
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_data(path, "checkpoint")
+        if not isinstance(state, dict) or not {"params", "data", "method", "position"} <= set(state):
+            raise RunStateError(f"{path} is not an sslflow checkpoint; start a new run in another directory")
         _check_same_run({**state["params"], "world_size": state.get("world_size", 1)},
                         {**self.flat_params, "world_size": self.world_size})
         if state["data"] != self.data_fingerprint:  # epoch orders and the schedule would differ
-            raise ValueError(f"cannot resume: the training data changed since the checkpoint "
-                             f"({state['data']['images']} -> {self.data_fingerprint['images']} images); "
-                             "start a new run")
+            raise RunStateError(f"cannot resume: the training data changed since the checkpoint "
+                                f"({state['data']['images']} -> {self.data_fingerprint['images']} images); "
+                                "start a new run")
         if state["device_type"] != self.device.type:  # the augmentation RNG streams differ
-            raise ValueError(f"cannot resume: the run was trained on {state['device_type']}, "
-                             f"this device is {self.device.type}")
+            raise RunStateError(f"cannot resume: the run was trained on {state['device_type']}, "
+                                f"this device is {self.device.type}")
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], self.generator)
         pos = state["position"]
         self.epoch, self.batch_in_epoch, self.step = pos["epoch"], pos["batch_in_epoch"], pos["step"]
-        self.loss_sum = state["accumulators"]["loss_sum"].to(self.device)
-        self.epoch_loss_sum = state["accumulators"]["epoch_loss_sum"].to(self.device)
+        acc = state["accumulators"]
+        self.sums = {k: v.to(self.device) for k, v in acc["sums"].items()}
+        self.epoch_sums = {k: v.to(self.device) for k, v in acc["epoch_sums"].items()}
         self.history = History(**state["history"])
         self.train_seconds = state["train_seconds"]
 
     def _sync_accumulators(self) -> None:
-        """Average the loss accumulators and OR the NaN flag over ranks (one collective).
+        """Average the loss and metric accumulators and OR the NaN flag over ranks (one collective).
 
         Called only where the host reads them anyway (logs, epoch end, checkpoints). Averaging
         in place at any time keeps the final mean right, makes every rank raise
@@ -272,11 +311,14 @@ class Pretrainer:
         """
         if self.world_size == 1:
             return
-        packed = torch.stack([self.loss_sum, self.epoch_loss_sum, self.nonfinite.float()])
+        keys = sorted(self.sums)
+        packed = torch.stack([*(self.sums[k] for k in keys), *(self.epoch_sums[k] for k in keys),
+                              self.nonfinite.float()])
         packed = distributed.all_reduce_mean(packed)
-        self.loss_sum.copy_(packed[0])
-        self.epoch_loss_sum.copy_(packed[1])
-        self.nonfinite.copy_(packed[2] > 0)
+        for i, k in enumerate(keys):
+            self.sums[k].copy_(packed[i])
+            self.epoch_sums[k].copy_(packed[len(keys) + i])
+        self.nonfinite.copy_(packed[-1] > 0)
 
     def _raise_if_diverged(self) -> None:
         self._sync_accumulators()
@@ -288,33 +330,43 @@ class Pretrainer:
             )
 
     # ------------------------------------------------------------------------------ training
-    def forward_backward(self, images: torch.Tensor, progress: float) -> torch.Tensor:
+    def make_batch(self, images: torch.Tensor) -> Batch:
+        """The method's views of this rank's uint8 images (no gradient, no host sync)."""
+        with torch.no_grad():
+            views = self.augment(images, self.generator) if self.augment is not None else []
+        return Batch(views, images, self.context.mean, self.context.std)
+
+    def forward_backward(self, images: torch.Tensor, progress: float) -> Any:
         """Views, loss and gradients of one batch (this rank's part); no optimizer step.
 
-        Returns this rank's loss; under DDP the gradients are already averaged over ranks.
+        Returns the method's `StepOutput`; under DDP the gradients are already averaged over ranks.
         """
-        with torch.no_grad():
-            views = self.augment(images, self.generator)
+        batch = self.make_batch(images)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else nullcontext())
         with autocast:
-            loss = self.model(views, progress)
+            out = self.model(batch, progress)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss
+        out.loss.backward()
+        self.method.after_backward(progress)
+        return out
 
     def train_step(self, images: torch.Tensor) -> None:
         """One optimisation step on this rank's part of the next batch; no host sync."""
         progress = self.step / self.total_steps
-        loss = self.forward_backward(images, progress)
+        out = self.forward_backward(images, progress)
         self.optimizer.step()
         self.scheduler.step()
         self.method.after_step(progress)
 
-        loss = loss.detach().float()
+        loss = out.loss.detach().float()
         self.nonfinite |= ~torch.isfinite(loss)
-        self.loss_sum += loss
-        self.epoch_loss_sum += loss
+        for key, value in {"loss": loss, **out.metrics}.items():
+            if key not in self.sums:  # a metric's first step: both accumulators start at 0
+                self.sums[key] = torch.zeros((), device=self.device)
+                self.epoch_sums[key] = torch.zeros((), device=self.device)
+            self.sums[key] += value.detach().float()
+            self.epoch_sums[key] += value.detach().float()
         self.step += 1
         self.batch_in_epoch += 1
 
@@ -346,15 +398,22 @@ class Pretrainer:
         bar.close()
         return self._finish()
 
+    def _read_means(self, sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        """Means of the accumulated loss and metrics over `n` steps (one host read), then zero them."""
+        keys = list(sums)
+        values = torch.stack([sums[k] for k in keys]).tolist()
+        for k in keys:
+            sums[k].zero_()
+        return {k: v / max(n, 1) for k, v in zip(keys, values, strict=True)}
+
     def _log_steps(self, steps: int, seconds: float, bar: tqdm) -> None:
         """The only host sync inside an epoch: every `log_every` steps."""
         self._raise_if_diverged()
-        loss = float(self.loss_sum) / steps
-        self.loss_sum.zero_()
+        means = self._read_means(self.sums, steps)
         if not self.is_main:
             return
         metrics = {
-            "loss": loss,
+            **means,
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": steps * self.cfg.batch_size / max(seconds, 1e-9),
             "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
@@ -362,18 +421,16 @@ class Pretrainer:
         if self.device.type == "cuda":
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.history.steps.append({"step": self.step, **metrics})
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
         for cb in self.callbacks:
             cb.on_step(self.step, metrics)
 
     def _end_epoch(self) -> None:
         self._raise_if_diverged()
-        n = self.batch_in_epoch
-        metrics = {
-            "epoch": self.epoch + 1,
-            "loss": float(self.epoch_loss_sum) / max(n, 1),
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
+        means = self._read_means(self.epoch_sums, self.batch_in_epoch)
+        for v in self.sums.values():
+            v.zero_()
+        metrics = {"epoch": self.epoch + 1, **means, "lr": self.optimizer.param_groups[0]["lr"]}
         done = self.epoch + 1
         if self.eval_images is not None and self.cfg.eval_every and (
             done % self.cfg.eval_every == 0 or done == self.cfg.epochs
@@ -381,8 +438,6 @@ class Pretrainer:
             metrics.update(self.online_knn())
         self.history.epochs.append(metrics)
         self.epoch, self.batch_in_epoch = done, 0
-        self.epoch_loss_sum.zero_()
-        self.loss_sum.zero_()
         self.save_checkpoint()
         for cb in self.callbacks:
             cb.on_epoch_end(done, metrics)
@@ -398,7 +453,7 @@ class Pretrainer:
                                       else map_test_labels(bank, store, store.labels()))
             keep = labels >= 0
             if not bool(keep.any()):
-                raise ValueError(f"online kNN: {store.root} has no labeled images")
+                raise ConfigError(f"online kNN: {store.root} has no labeled images")
             out[f"{name}_images"] = torch.from_numpy(store.images())[keep].to(self.device)
             out[f"{name}_labels"] = labels[keep].to(self.device)
         return out
@@ -430,8 +485,7 @@ class Pretrainer:
         if self.history.epochs and self.history.epochs[0]["epoch"] == 0:
             metrics["knn_top1_at_init"] = self.history.epochs[0]["knn_top1"]
         if self.is_main:
-            save_encoder(self.method.encoder(), self.run_dir, self.image_size,
-                         self.params.augment.mean, self.params.augment.std)
+            save_encoder(self.method.encoder(), self.run_dir, self.params.augment.mean, self.params.augment.std)
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
             (self.run_dir / "history.json").write_text(json.dumps(asdict(self.history), indent=1))
         distributed.barrier()

@@ -10,6 +10,23 @@ from helpers import CIFAR10_ARCHIVE
 from services import native_stack, postgres_service, postgres_url, stack  # noqa: F401 (fixtures for all tests)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_project(tmp_path_factory) -> Path:
+    """Every test, and every sslflow process it starts, works in an empty project directory
+    (`SSLFLOW_PROJECT`): built-in defaults plus what the test sets, nothing written into the
+    checkout. A test that needs another project passes `--project` / `project=`."""
+    import os
+
+    project = tmp_path_factory.mktemp("project")
+    old = os.environ.get("SSLFLOW_PROJECT")
+    os.environ["SSLFLOW_PROJECT"] = str(project)
+    yield project
+    if old is None:
+        os.environ.pop("SSLFLOW_PROJECT", None)
+    else:
+        os.environ["SSLFLOW_PROJECT"] = old
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny tensors on 2 shared cores: intra-op threads only add contention (several times

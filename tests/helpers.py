@@ -22,19 +22,14 @@ BIN = Path(sys.executable).parent
 CIFAR10_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 # A narrow ResNet-18 on 16x16 images: a training step takes milliseconds on a CPU.
-FAST = [
+FAST_BASE = [
     "device=cpu",
-    "pretrain.width=8",
+    "backbone.resnet.width=8",
     "pretrain.epochs=2",
     "pretrain.batch_size=32",
     "pretrain.optimizer=sgd",
     "pretrain.lr=0.1",
     "pretrain.warmup_epochs=1",
-    "pretrain.proj_hidden_dim=64",
-    "pretrain.proj_dim=32",
-    "pretrain.pred_hidden_dim=64",
-    "pretrain.dino_out_dim=64",
-    "pretrain.queue_size=64",
     "pretrain.checkpoint_every=0",
     "pretrain.log_every=1",
     "pretrain.eval_every=1",
@@ -46,11 +41,36 @@ FAST = [
 ]
 
 
+def tiny_heads() -> list[str]:
+    """Small heads for every registered method, by the field names' convention: `*hidden_dim` 64,
+    other `*_dim` 32, `out_dim` / `queue_size` / `num_prototypes` 64."""
+    import dataclasses
+
+    from sslflow.ssl_models.methods import METHODS
+
+    out = []
+    for name, method in sorted(METHODS.items()):
+        for f in dataclasses.fields(method.Config):
+            if f.name in ("out_dim", "queue_size", "num_prototypes") or f.name.endswith("hidden_dim"):
+                out.append(f"pretrain.{name}.{f.name}=64")
+            elif f.name.endswith("_dim") and f.type in ("int", int):
+                out.append(f"pretrain.{name}.{f.name}=32")
+    return out
+
+
+#: `--set` list for a fast CPU run of any method: FAST_BASE and tiny heads.
+FAST = [*FAST_BASE, *tiny_heads()]
+
+
+def fast_overrides(*overrides: str) -> list[str]:
+    return [*FAST, *overrides]
+
+
 def fast_params(*overrides: str):
-    from sslflow.core.settings import load_params
+    """Settings for a fast CPU run: the built-in defaults (never the project's params.yaml) + FAST."""
+    from sslflow.core.settings import load_settings
 
-    return load_params(overrides=[*FAST, *overrides])
-
+    return load_settings([], fast_overrides(*overrides))
 
 
 def random_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:

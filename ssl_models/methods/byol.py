@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
-from sslflow.ssl_models.config import AugmentConfig, PretrainConfig
 from sslflow.ssl_models.heads import ProjectionMLP, cosine_momentum, ema_update_, momentum_copy
 from sslflow.ssl_models.losses import byol_loss
 from sslflow.ssl_models.methods import register_method
-from sslflow.ssl_models.methods.base import SSLMethod, ViewSpec
+from sslflow.ssl_models.methods.base import Batch, SSLMethod, StepOutput, TrainContext, embedding_std
+from sslflow.ssl_models.schema import UNIT_OPEN_TOP, Range, setting
+from sslflow.ssl_models.views import ViewSpec
+
+DIM = Range(1, 1 << 16)
+
+
+@dataclass(frozen=True)
+class BYOLConfig:
+    """`pretrain.byol.*`"""
+
+    proj_hidden_dim: int = setting(2048, domain=DIM)
+    proj_dim: int = setting(256, domain=DIM)
+    pred_hidden_dim: int = setting(4096, domain=DIM)
+    momentum: float = setting(0.99, domain=UNIT_OPEN_TOP, doc="target EMA momentum at the start (cosine to 1)")
 
 
 @register_method
@@ -20,8 +33,8 @@ class BYOL(SSLMethod):
 
     - Projector: feature_dim -> proj_hidden_dim -> proj_dim; predictor: proj_dim ->
       pred_hidden_dim -> proj_dim (both Linear-BN-ReLU-Linear).
-    - Target momentum: cosine schedule tau = 1 - (1 - ema_momentum) * (cos(pi * progress) + 1) / 2
-      (tau = ema_momentum at the start, 1 at the end), applied in `after_step`.
+    - Target momentum: cosine schedule tau = 1 - (1 - momentum) * (cos(pi * progress) + 1) / 2
+      (tau = momentum at the start, 1 at the end), applied in `after_step`.
     - Loss: symmetric, `(byol_loss(p1, z2') + byol_loss(p2, z1')) / 2`; the paper sums the two
       terms, averaging halves the loss (and gradient) scale, which LARS largely normalises away.
     Both views are encoded in one backbone call of 2B images (online and target alike).
@@ -31,34 +44,37 @@ class BYOL(SSLMethod):
     """
 
     name: ClassVar[str] = "byol"
+    family: ClassVar[str] = "distillation"
+    Config: ClassVar[type] = BYOLConfig
     # Recipe constants (BYOL, Table 6): asymmetric blur/solarize between the two views.
     view_blur: ClassVar[tuple[float, float]] = (1.0, 0.1)
     view_solarize: ClassVar[tuple[float, float]] = (0.0, 0.2)
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: PretrainConfig) -> None:
-        super().__init__(backbone, feature_dim, cfg)
-        self.projector = ProjectionMLP(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+    def __init__(self, backbone, cfg: BYOLConfig, ctx: TrainContext) -> None:
+        super().__init__(backbone, cfg, ctx)
+        self.projector = ProjectionMLP(self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.predictor = ProjectionMLP(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
         self.target_backbone = momentum_copy(backbone)
         self.target_projector = momentum_copy(self.projector)
 
     @classmethod
-    def views(cls, aug: AugmentConfig, image_size: int) -> list[ViewSpec]:
+    def view_specs(cls, cfg: BYOLConfig, ctx: TrainContext) -> list[ViewSpec]:
         """View 1: blur 1.0, solarize 0.0; view 2: blur 0.1, solarize 0.2."""
-        return [ViewSpec(size=image_size, scale=aug.crop_scale, blur_prob=b, solarize_prob=s)
+        return [ViewSpec.from_augment(ctx.augment, ctx.view_size, blur_prob=b, solarize_prob=s)
                 for b, s in zip(cls.view_blur, cls.view_solarize, strict=True)]
 
     def tau(self, progress: float) -> float:
-        """Target EMA momentum at `progress` (cosine from cfg.ema_momentum to 1)."""
-        return cosine_momentum(self.cfg.ema_momentum, progress)
+        """Target EMA momentum at `progress` (cosine from cfg.momentum to 1)."""
+        return cosine_momentum(self.cfg.momentum, progress)
 
-    def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
-        x1, x2 = views
+    def forward(self, batch: Batch, progress: float) -> StepOutput:
+        x1, x2 = batch.views
         x = torch.cat([x1, x2])
         p1, p2 = self.predictor(self.projector(self.backbone(x))).split(x1.shape[0])
         with torch.no_grad():
             z1, z2 = self.target_projector(self.target_backbone(x)).split(x1.shape[0])
-        return (byol_loss(p1, z2) + byol_loss(p2, z1)) / 2
+        loss = (byol_loss(p1, z2) + byol_loss(p2, z1)) / 2
+        return StepOutput(loss, {"embedding_std": embedding_std(p1)})
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sslflow.ssl_models import distributed
-from sslflow.ssl_models.config import AugmentConfig, PretrainConfig
-from sslflow.ssl_models.heads import ProjectionMLP, ema_update_, momentum_copy
+from sslflow.ssl_models.errors import ConfigError
+from sslflow.ssl_models.heads import ProjectionMLP, cosine_momentum, ema_update_, momentum_copy
 from sslflow.ssl_models.losses import info_nce_loss
 from sslflow.ssl_models.methods import register_method
-from sslflow.ssl_models.methods.base import SSLMethod, ViewSpec, symmetric_views
+from sslflow.ssl_models.methods.base import Batch, SSLMethod, StepOutput, TrainContext, embedding_std
+from sslflow.ssl_models.schema import POSITIVE, UNIT_OPEN_TOP, Choices, Range, setting
+from sslflow.ssl_models.views import ViewSpec, symmetric_views
+
+DIM = Range(1, 1 << 16)
+
+
+@dataclass(frozen=True)
+class MoCoConfig:
+    """`pretrain.moco.*`"""
+
+    temperature: float = setting(0.2, domain=POSITIVE, doc="InfoNCE temperature")
+    queue_size: int = setting(4096, domain=Range(2, 1 << 24), doc="negatives kept (>= 2 x batch_size)")
+    proj_hidden_dim: int = setting(2048, domain=DIM)
+    proj_dim: int = setting(256, domain=DIM)
+    momentum: float = setting(0.99, domain=UNIT_OPEN_TOP, doc="key-encoder EMA momentum (at the start)")
+    momentum_schedule: str = setting("constant", domain=Choices(("constant", "cosine")),
+                                     doc="constant (MoCo v2) or cosine from momentum to 1 (solo-learn)")
 
 
 @register_method
@@ -22,8 +39,9 @@ class MoCo(SSLMethod):
 
     - Query encoder: backbone + BN-free 2-layer MLP projector (feature_dim -> proj_hidden_dim
       -> proj_dim), as in MoCo v2.
-    - Key encoder: momentum copy of backbone + projector, updated in `after_step` with a
-      *constant* momentum `cfg.ema_momentum` (MoCo v2: 0.999 on ImageNet, 0.99 on CIFAR).
+    - Key encoder: momentum copy of backbone + projector, updated in `after_step` with
+      `cfg.momentum` (constant, MoCo v2: 0.999 on ImageNet, 0.99 on CIFAR; or a cosine schedule
+      to 1 with `momentum_schedule: cosine`).
     - Queue: `cfg.queue_size` L2-normalised keys of dim proj_dim (random unit vectors at
       start), a ring buffer with a tensor pointer so enqueueing never syncs with the host.
     - Loss: symmetric, as in the official MoCo CIFAR demo: view 1 queries view 2's key and vice
@@ -42,32 +60,36 @@ class MoCo(SSLMethod):
     """
 
     name: ClassVar[str] = "moco"
+    family: ClassVar[str] = "contrastive"
+    Config: ClassVar[type] = MoCoConfig
     # Recipe constant: MoCo v2 uses blur p=0.5 on both (identically distributed) views.
     blur_prob: ClassVar[float] = 0.5
 
     queue: torch.Tensor
     queue_ptr: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: PretrainConfig) -> None:
-        super().__init__(backbone, feature_dim, cfg)
-        keys_per_step = 2 * cfg.batch_size
-        if keys_per_step > cfg.queue_size:
-            raise ValueError(
-                f"pretrain.queue_size ({cfg.queue_size}) must be at least 2 * batch_size "
-                f"({keys_per_step}): MoCo enqueues the keys of both views every step")
-        self.projector = ProjectionMLP(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, use_bn=False)
+    def __init__(self, backbone, cfg: MoCoConfig, ctx: TrainContext) -> None:
+        super().__init__(backbone, cfg, ctx)
+        self.projector = ProjectionMLP(self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, use_bn=False)
         self.momentum_backbone = momentum_copy(backbone)
         self.momentum_projector = momentum_copy(self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @classmethod
-    def views(cls, aug: AugmentConfig, image_size: int) -> list[ViewSpec]:
-        """Two identically distributed views with blur p=0.5 (MoCo v2 recipe)."""
-        return symmetric_views(aug, image_size, cls.blur_prob)
+    def check_settings(cls, cfg: MoCoConfig, settings) -> None:
+        keys_per_step = 2 * settings.pretrain.batch_size
+        if keys_per_step > cfg.queue_size:
+            raise ConfigError(f"pretrain.moco.queue_size ({cfg.queue_size}) must be at least 2 x pretrain.batch_size "
+                              f"({keys_per_step}): every step enqueues the keys of both views")
 
-    def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
-        x1, x2 = views
+    @classmethod
+    def view_specs(cls, cfg: MoCoConfig, ctx: TrainContext) -> list[ViewSpec]:
+        """Two identically distributed views with blur p=0.5 (MoCo v2 recipe)."""
+        return symmetric_views(ctx.augment, ctx.view_size, cls.blur_prob)
+
+    def forward(self, batch: Batch, progress: float) -> StepOutput:
+        x1, x2 = batch.views
         q1 = self.projector(self.backbone(x1))
         q2 = self.projector(self.backbone(x2))
         with torch.no_grad():
@@ -79,7 +101,7 @@ class MoCo(SSLMethod):
         loss = (info_nce_loss(q1, k2, queue, t) + info_nce_loss(q2, k1, queue, t)) / 2
         # all of view 1's keys, then all of view 2's: the single-process order for any N
         self._enqueue(distributed.all_gather(torch.stack([k1, k2]), dim=1).flatten(0, 1))
-        return loss
+        return StepOutput(loss, {"embedding_std": embedding_std(q1)})
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
@@ -95,9 +117,15 @@ class MoCo(SSLMethod):
         self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
+    def tau(self, progress: float) -> float:
+        """Key-encoder momentum at `progress`."""
+        if self.cfg.momentum_schedule == "cosine":
+            return cosine_momentum(self.cfg.momentum, progress)
+        return self.cfg.momentum
+
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
-        """Momentum update of the key encoder with the constant `cfg.ema_momentum`."""
-        tau = self.cfg.ema_momentum
+        """Momentum update of the key encoder."""
+        tau = self.tau(progress)
         ema_update_(self.momentum_backbone, self.backbone, tau)
         ema_update_(self.momentum_projector, self.projector, tau)

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from sslflow.ssl_models import distributed
-from sslflow.ssl_models.config import AugmentConfig, PretrainConfig
 from sslflow.ssl_models.heads import ProjectionMLP
 from sslflow.ssl_models.losses import nt_xent_loss
 from sslflow.ssl_models.methods import register_method
-from sslflow.ssl_models.methods.base import SSLMethod, ViewSpec, symmetric_views
+from sslflow.ssl_models.methods.base import Batch, SSLMethod, StepOutput, TrainContext, embedding_std
+from sslflow.ssl_models.schema import POSITIVE, Range, setting
+from sslflow.ssl_models.views import ViewSpec, symmetric_views
+
+DIM = Range(1, 1 << 16)
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    """`pretrain.simclr.*`"""
+
+    temperature: float = setting(0.2, domain=POSITIVE, doc="NT-Xent temperature")
+    proj_hidden_dim: int = setting(2048, domain=DIM)
+    proj_dim: int = setting(256, domain=DIM)
 
 
 @register_method
@@ -29,21 +41,23 @@ class SimCLR(SSLMethod):
     """
 
     name: ClassVar[str] = "simclr"
+    family: ClassVar[str] = "contrastive"
+    Config: ClassVar[type] = SimCLRConfig
     # Recipe constant: SimCLR's CIFAR-10 setup drops Gaussian blur (it hurts at 32 px); the
     # ImageNet recipe uses 0.5 on both views.
     blur_prob: ClassVar[float] = 0.0
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: PretrainConfig) -> None:
-        super().__init__(backbone, feature_dim, cfg)
-        self.projector = ProjectionMLP(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+    def __init__(self, backbone, cfg: SimCLRConfig, ctx: TrainContext) -> None:
+        super().__init__(backbone, cfg, ctx)
+        self.projector = ProjectionMLP(self.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
 
     @classmethod
-    def views(cls, aug: AugmentConfig, image_size: int) -> list[ViewSpec]:
+    def view_specs(cls, cfg: SimCLRConfig, ctx: TrainContext) -> list[ViewSpec]:
         """Two identically distributed views (the CIFAR SimCLR recipe: no blur, no solarize)."""
-        return symmetric_views(aug, image_size, cls.blur_prob)
+        return symmetric_views(ctx.augment, ctx.view_size, cls.blur_prob)
 
-    def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
-        x1, x2 = views
+    def forward(self, batch: Batch, progress: float) -> StepOutput:
+        x1, x2 = batch.views
         z = self.projector(self.backbone(torch.cat([x1, x2])))
         z1, z2 = z.split(x1.shape[0])
         negatives = None
@@ -51,4 +65,5 @@ class SimCLR(SSLMethod):
             # the other ranks' projections in at least float32 (the loss computes in float32
             # anyway), so that their gradients are not summed over ranks in bf16
             negatives = distributed.others_with_grad(z.to(torch.promote_types(z.dtype, torch.float32)))
-        return nt_xent_loss(z1, z2, self.cfg.temperature, extra_negatives=negatives)
+        loss = nt_xent_loss(z1, z2, self.cfg.temperature, extra_negatives=negatives)
+        return StepOutput(loss, {"embedding_std": embedding_std(z1)})

@@ -1,0 +1,1 @@
+"""Settings, errors, the project directory and environment defaults: the bottom layer every other package imports."""

@@ -1,9 +1,10 @@
 """Environment defaults for the libraries and services sslflow drives, set in one place.
 
 No usage reporting from anything sslflow starts (Prefect's temporary server, MLflow, Great
-Expectations, DVC), and enough start-up time for Prefect's temporary local server on a busy
-2-core machine. Applied with `os.environ.setdefault` when the `sslflow` package is imported,
-so an explicit setting always wins and child processes inherit the same values. A child that
+Expectations, DVC), enough start-up time for Prefect's temporary local server on a busy
+2-core machine, and sslflow's own logger attached to Prefect's run logs. Applied with
+`os.environ.setdefault` when the `sslflow` package is imported, so an explicit setting always
+wins and child processes inherit the same values. A child that
 does not import sslflow (a `dvc` or `mlflow server` binary) gets them through `child_env()`.
 """
 
@@ -18,6 +19,9 @@ DEFAULTS: Mapping[str, str] = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "GX_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
+    # sslflow's own log lines (the "sslflow" logger: per-epoch progress, data pulls) reach the
+    # Prefect flow-run log when they are written inside a flow or task run
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "sslflow",
 }
 
 

@@ -1,16 +1,25 @@
-"""Load `params/*.yaml`, overlay a params file and `--set key=value` overrides, validate types.
+"""One settings tree, one loader: `load_settings(files, overrides)` at every entry point.
 
-Dotted keys are the same ones `dvc exp run -S` uses (`pretrain.lr`, `augment.strength`, `seed`).
-Every key is checked against the dataclasses in `ssl_models.config`: unknown or missing keys
-and values of the wrong type are a `UserError` naming the key, never silently ignored.
+    settings = load_settings()                                  # defaults + <project>/params.yaml
+    settings = load_settings(["params/profiles/cifar10-byol.yaml"], ["pretrain.lr=0.3"])
+    settings.pretrain.byol.momentum, settings.tracking.uri, settings.tune.space["lr"]
+
+Order, later wins: the defaults declared next to each field (`sslflow.ssl_models.config` for
+the engine's sections, `sslflow.core.sections` for the pipeline's) -> the settings files ->
+the `--set key=value` overrides. When no file is named, the project's `params.yaml` is the one
+file (the project directory is the current one, `--project DIR` or `SSLFLOW_PROJECT`); naming
+`--params` files replaces it, so a profile is applied on the defaults, not on the demo.
+
+Dotted keys are the same everywhere: `--set`, `dvc exp run -S`, the Optuna search space and
+the MLflow params of a run. Unknown keys (with a did-you-mean, and the new home of a key
+that moved), wrong types, non-finite numbers and values outside a field's domain stop the
+command with one line naming the key (`ConfigError`, exit code 2), before any data is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,52 +27,109 @@ from typing import Any
 import yaml
 
 from sslflow.core.errors import UserError
-from sslflow.ssl_models.config import Params
+from sslflow.core.project import PARAMS_FILE, project_root
+from sslflow.core.sections import (
+    IngestConfig,
+    PipelineConfig,
+    PromotionConfig,
+    TrackingConfig,
+    TuneConfig,
+    ValidateConfig,
+    VersioningConfig,
+)
+from sslflow.ssl_models.config import EngineSettings, engine_flat
+from sslflow.ssl_models.schema import ConfigError, as_dict, build, flatten, section
 
-PARAMS_DIR = Path(__file__).resolve().parents[2] / "params"
-BASE_FILES = ("pretrain.yaml", "evaluate.yaml")
-# Sections read by other loaders (tasks/ingest.py): one params file may hold them all.
-DATA_SECTIONS = frozenset({"ingest", "validate", "versioning"})
-# Sections of a shared params file that the engine loader skips (their own loaders read them).
-NON_ENGINE_SECTIONS = DATA_SECTIONS | {"pipeline", "tracking", "promotion", "tune"}
+#: Keys of sslflow < 0.2 and where they live now (named in the error instead of a bare "unknown").
+MOVED_KEYS = {
+    "pretrain.backbone": "backbone.name",
+    "pretrain.width": "backbone.resnet.width",
+    "pretrain.temperature": "pretrain.<method>.temperature",
+    "pretrain.queue_size": "pretrain.moco.queue_size",
+    "pretrain.proj_hidden_dim": "pretrain.<method>.proj_hidden_dim",
+    "pretrain.proj_dim": "pretrain.<method>.proj_dim",
+    "pretrain.pred_hidden_dim": "pretrain.byol.pred_hidden_dim",
+    "pretrain.ema_momentum": "pretrain.<method>.momentum",
+    "pretrain.dino_out_dim": "pretrain.dino.out_dim",
+    "pretrain.teacher_temperature": "pretrain.dino.teacher_temperature",
+    "pretrain.teacher_temperature_warmup": "pretrain.dino.teacher_temperature_warmup",
+    "pretrain.teacher_temperature_warmup_epochs": "pretrain.dino.teacher_temperature_warmup_epochs",
+    "pretrain.center_momentum": "pretrain.dino.center_momentum",
+}
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(EngineSettings):
+    """Every section of sslflow: the engine's (seed, device, augment, backbone, pretrain, eval)
+    and the pipeline's. `project` is where relative paths point (set by the loader)."""
+
+    ingest: IngestConfig = section(IngestConfig, resumable=True)
+    validate: ValidateConfig = section(ValidateConfig, resumable=True)
+    versioning: VersioningConfig = section(VersioningConfig, resumable=True)
+    tracking: TrackingConfig = section(TrackingConfig, resumable=True)
+    promotion: PromotionConfig = section(PromotionConfig, resumable=True)
+    pipeline: PipelineConfig = section(PipelineConfig, resumable=True)
+    tune: TuneConfig = section(TuneConfig, resumable=True)
+    project: Path = dataclasses.field(default_factory=Path.cwd, compare=False, repr=False,
+                                      metadata={"doc": "not a setting: the project directory"})
+
+    def path(self, relative: str | Path) -> Path:
+        """A settings path (`pipeline.store`, `tune.runs`, ...) resolved against the project."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else self.project / p
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting as a dotted key (the MLflow params of a run): the engine's with only the
+        active method's and backbone family's sections, then the pipeline's."""
+        out = engine_flat(self)
+        for f in dataclasses.fields(Settings):
+            if f.name not in EngineSettings.__dataclass_fields__ and f.name != "project":
+                out.update(flatten({f.name: as_dict(getattr(self, f.name))}))
+        return out
+
+    def nested(self) -> dict[str, Any]:
+        """The settings as plain nested dicts (what a settings file holds)."""
+        return {k: v for k, v in as_dict(self).items() if k != "project"}
+
+    def updated(self, overrides: Iterable[str]) -> Settings:
+        """These settings with `--set`-style overrides applied (validated like any load)."""
+        return _build(merge(self.nested(), _normalise(parse_set(list(overrides)), "--set")), self.project)
+
+
+# ------------------------------------------------------------------------------------ files
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A settings file as a mapping of sections; any problem is one `UserError` line naming the file."""
+    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"params file {path} does not exist") from None
+        raise UserError(f"settings file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"settings file {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"settings file {path} is not a text (UTF-8 YAML) file") from None
+    except OSError as e:
+        raise UserError(f"settings file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"params file {path} is not valid YAML: {e}".replace("\n", " ")) from None
+        raise UserError(f"settings file {path} is not valid YAML: {e}".replace("\n", " ")) from None
     if not isinstance(data, dict):
-        raise UserError(f"params file {path} must hold a mapping of sections")
+        raise UserError(f"settings file {path} must hold a mapping of sections, not {type(data).__name__}")
     return data
 
 
-def merge(base: dict[str, Any], overlay: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Deep-merge `overlay` into a copy of `base`; `where` names the source in errors."""
+def merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overlay` into a copy of `base`."""
     out = dict(base)
     for key, value in overlay.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value, where)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
-
-
-def merged_sections(cls: type, base_file: Path, params_file: str | Path | None = None,
-                    overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Raw values for dataclass `cls`, whose fields are top-level sections (e.g. `tracking`,
-    `promotion`): `base_file`, then those sections of a shared `params_file`, then the `--set`
-    entries under them; pass the result to `build`. Other sections and entries belong to
-    other loaders and are left alone."""
-    sections = {f.name for f in dataclasses.fields(cls)}
-    raw = read_yaml(base_file)
-    if params_file is not None:
-        overlay = read_yaml(Path(params_file))
-        raw = merge(raw, {k: v for k, v in overlay.items() if k in sections}, str(params_file))
-    mine = [o for o in overrides if o.split(".", 1)[0].strip() in sections]
-    return merge(raw, parse_set(mine), "--set")
 
 
 def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
@@ -87,122 +153,66 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def load_params(params_files: str | Path | Sequence[str | Path] | None = None, overrides: Iterable[str] = (),
-                params_dir: Path = PARAMS_DIR) -> Params:
-    """Defaults from `params_dir`, then each of `params_files` in order, then `overrides`."""
-    raw: dict[str, Any] = {}
-    for name in BASE_FILES:
-        raw = merge(raw, read_yaml(params_dir / name), name)
-    if isinstance(params_files, str | Path):
-        params_files = [params_files]
-    for file in params_files or ():
-        raw = merge(raw, read_yaml(Path(file)), str(file))
-    raw = merge(raw, parse_set(overrides), "--set")
-    params = build(Params, {k: v for k, v in raw.items() if k not in NON_ENGINE_SECTIONS}, prefix="")
-    check_semantics(params)
-    return params
+def default_files(project: Path) -> list[Path]:
+    """The files applied when none is named: the project's `params.yaml`, if it has one."""
+    candidate = project / PARAMS_FILE
+    return [candidate] if candidate.is_file() else []
 
 
-def build(cls: type, raw: Any, prefix: str) -> Any:
-    """Construct dataclass `cls` from `raw`, checking keys and value types recursively."""
-    if not isinstance(raw, Mapping):
-        raise UserError(f"{prefix.rstrip('.') or 'params'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise UserError(f"unknown parameter {prefix}{key}{hint}")
-    missing = [k for k in fields if k not in raw]
-    if missing:
-        raise UserError(f"missing parameter {prefix}{missing[0]}")
-    values = {k: coerce(hints[k], raw[k], f"{prefix}{k}") for k in fields}
-    return cls(**values)
+def load_settings(files: str | Path | Sequence[str | Path] | None = None, overrides: Iterable[str] = (), *,
+                  project: str | Path | None = None) -> Settings:
+    """Defaults -> `files` (None = the project's params.yaml) -> `overrides`; validated.
 
-
-def coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, prefix=f"{key}.")
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise UserError(f"{key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(args[0], v, key) for v in value)
-        if len(value) != len(args):
-            raise UserError(f"{key} must have {len(args)} values, got {value!r}")
-        return tuple(coerce(a, v, key) for a, v in zip(args, value, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported type {tp} for {key}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    Relative `files` are relative to the current directory, as on a command line.
+    """
+    root = project_root(project)
+    if files is None:
+        paths = default_files(root)
     else:
-        raise TypeError(f"unsupported type {tp} for {key}")
-    raise UserError(f"{key} must be {tp.__name__}, got {value!r}")
+        paths = [Path(files)] if isinstance(files, str | Path) else [Path(f) for f in files]
+    raw = {k: v for k, v in as_dict(Settings()).items() if k != "project"}
+    for path in paths:
+        raw = merge(raw, _normalise(read_yaml(path), str(path)))
+    raw = merge(raw, _normalise(parse_set(list(overrides)), "--set"))
+    return _build(raw, root)
 
 
-def check_semantics(p: Params) -> None:
-    """Cross-field checks that types alone cannot express, each naming its key."""
-    from sslflow.ssl_models.backbones import ARCHS
-    from sslflow.ssl_models.methods import METHODS
+def _build(raw: Mapping[str, Any], project: Path) -> Settings:
+    try:
+        settings = build(Settings, raw)
+    except ConfigError as e:
+        raise ConfigError(_with_moved_hint(str(e))) from None
+    object.__setattr__(settings, "project", project)
+    return settings
 
-    pt, aug, ev = p.pretrain, p.augment, p.eval
-    choices = {
-        "pretrain.method": (pt.method, sorted(METHODS)),
-        "pretrain.backbone": (pt.backbone, sorted(ARCHS)),
-        "pretrain.optimizer": (pt.optimizer, ["lars", "sgd"]),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-    if not (p.device in ("auto", "cpu", "cuda") or p.device.startswith("cuda:")):
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {p.device!r}")
-    bad = [proto for proto in ev.protocols if proto not in ("knn", "linear", "finetune")]
-    if bad:
-        raise UserError(f"eval.protocols: unknown protocol {bad[0]!r} (knn, linear, finetune)")
-    positive = {
-        "pretrain.epochs": pt.epochs, "pretrain.batch_size": pt.batch_size, "pretrain.lr": pt.lr,
-        "pretrain.temperature": pt.temperature, "pretrain.queue_size": pt.queue_size,
-        "pretrain.log_every": pt.log_every, "pretrain.width": pt.width,
-        "eval.knn_k": ev.knn_k, "eval.knn_temperature": ev.knn_temperature,
-        "augment.local_size": aug.local_size,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key} must be > 0; got {value}")
-    if pt.batch_size < 2:
-        raise UserError("pretrain.batch_size must be at least 2 (contrastive pairs)")
-    for key, value in {"pretrain.ema_momentum": pt.ema_momentum,
-                       "pretrain.center_momentum": pt.center_momentum}.items():
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"{key} must be in [0, 1); got {value}")
-    for key, (lo, hi) in {"augment.crop_scale": aug.crop_scale,
-                          "augment.local_crop_scale": aug.local_crop_scale}.items():
-        if not 0.0 < lo <= hi <= 1.0:
-            raise UserError(f"{key} must satisfy 0 < min <= max <= 1; got [{lo}, {hi}]")
-    for key, value in {"augment.flip_prob": aug.flip_prob, "augment.jitter_prob": aug.jitter_prob,
-                       "augment.grayscale_prob": aug.grayscale_prob}.items():
-        if not 0.0 <= value <= 1.0:
-            raise UserError(f"{key} must be a probability in [0, 1]; got {value}")
-    if aug.strength < 0:
-        raise UserError(f"augment.strength must be >= 0; got {aug.strength}")
-    if pt.method == "moco" and pt.queue_size < 2 * pt.batch_size:
-        raise UserError(f"pretrain.queue_size ({pt.queue_size}) must be at least 2 x pretrain.batch_size "
-                        f"({2 * pt.batch_size}) for MoCo: every step enqueues the keys of both views")
+
+def _normalise(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """YAML spellings that are not the field's type: `dvc: off` reads as False."""
+    versioning = data.get("versioning")
+    if isinstance(versioning, dict) and isinstance(versioning.get("dvc"), bool):
+        data = {**data, "versioning": {**versioning, "dvc": "on" if versioning["dvc"] else "off"}}
+    tracking = data.get("tracking")
+    if isinstance(tracking, dict) and "uri" in tracking and tracking["uri"] is None:
+        data = {**data, "tracking": {**tracking, "uri": ""}}
+    if "project" in data:
+        raise UserError(f"{where}: 'project' is not a setting; pass --project DIR or set SSLFLOW_PROJECT")
+    return data
+
+
+def _with_moved_hint(message: str) -> str:
+    """An unknown key's message, with where it moved or the closest key anywhere in the tree."""
+    if not message.startswith("unknown setting ") or "did you mean" in message:
+        return message
+    key = message.split()[2]
+    if key in MOVED_KEYS:
+        return f"unknown setting {key}: it moved to {MOVED_KEYS[key]}"
+    known = list(Settings().flat()) + list(flatten(Settings().nested()))  # the active sections first
+    # the same leaf in the same section, the active method first: pretrain.temprature -> pretrain.simclr.temperature
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(known) if k.split(".")[0] == key.split(".")[0]}
+    close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)]
+    close = close or difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return f"unknown setting {key} (did you mean {close[0]}?)" if close else message
+
+
+__all__ = ["MOVED_KEYS", "Settings", "load_settings", "merge", "parse_set", "read_yaml"]

@@ -1,0 +1,1 @@
+"""Data in: scan a source, decode defensively, dedupe, validate with Great Expectations, publish, version with DVC."""

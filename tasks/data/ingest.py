@@ -41,74 +41,16 @@ import numpy as np
 import pandas as pd
 
 from sslflow.core.errors import UserError
-from sslflow.core.settings import PARAMS_DIR, build, merge, parse_set, read_yaml
+from sslflow.core.settings import Settings, load_settings
 from sslflow.ssl_models.store import ImageStore, Shard, StoreError
 from sslflow.tasks.data import manifest
 from sslflow.tasks.data.decode import Accepted, DecodeOptions, Duplicate, Outcome, Rejected
 from sslflow.tasks.data.sources import Source, open_source
-from sslflow.tasks.data.validate import ValidateConfig, ValidationFailed, validate
-from sslflow.tasks.data.versioning import Tracker, VersionInfo, VersioningConfig, dir_hash, version_store
+from sslflow.tasks.data.validate import ValidationFailed, validate
+from sslflow.tasks.data.versioning import Tracker, VersionInfo, dir_hash, version_store
 
-PARAMS_FILE = "ingest.yaml"
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NO_PIXELS = np.zeros((0, 0, 3), np.uint8)
-
-
-# ------------------------------------------------------------------------------------ params
-@dataclass(frozen=True)
-class IngestConfig:
-    size: int  # side of stored images for a new store (an existing store keeps its own)
-    min_side: int
-    max_pixels: int
-    max_file_bytes: int
-    workers: int  # decode processes; 0 = all CPU cores
-    chunk_size: int  # files per worker task
-    shard_images: int  # images per shard file
-    classes: tuple[str, ...]  # known class names (order = label index); () = from source/store
-    demo_train_per_class: int
-    demo_test_per_class: int
-    demo_seed: int  # train; test uses demo_seed + 1
-    torchvision_root: str
-
-
-@dataclass(frozen=True)
-class IngestParams:
-    ingest: IngestConfig
-    validate: ValidateConfig
-    versioning: VersioningConfig
-
-
-def load_params(params_file: str | Path | None = None, overrides: Iterable[str] = (),
-                params_dir: Path = PARAMS_DIR) -> IngestParams:
-    """`params/ingest.yaml`, then `params_file`, then `--set` overrides; validated."""
-    raw = read_yaml(Path(params_dir) / PARAMS_FILE)
-    if params_file is not None:
-        overlay = read_yaml(Path(params_file))
-        raw = merge(raw, {k: v for k, v in overlay.items() if k in raw}, str(params_file))
-    raw = merge(raw, parse_set(overrides), "--set")
-    versioning = raw.get("versioning")
-    if isinstance(versioning, dict) and isinstance(versioning.get("dvc"), bool):  # YAML reads off/on as bools
-        raw["versioning"] = {**versioning, "dvc": "on" if versioning["dvc"] else "off"}
-    params: IngestParams = build(IngestParams, raw, prefix="")
-    _check(params)
-    return params
-
-
-def _check(p: IngestParams) -> None:
-    c = p.ingest
-    for key in ("size", "min_side", "max_pixels", "max_file_bytes", "chunk_size", "shard_images"):
-        if getattr(c, key) <= 0:
-            raise UserError(f"ingest.{key} must be > 0; got {getattr(c, key)}")
-    for key in ("workers", "demo_train_per_class", "demo_test_per_class"):
-        if getattr(c, key) < 0:
-            raise UserError(f"ingest.{key} must be >= 0; got {getattr(c, key)}")
-    if not 0.0 <= p.validate.max_quarantined_fraction <= 1.0:
-        raise UserError("validate.max_quarantined_fraction must be in [0, 1]; "
-                        f"got {p.validate.max_quarantined_fraction}")
-    if p.validate.class_balance_tolerance < 0:
-        raise UserError(f"validate.class_balance_tolerance must be >= 0; got {p.validate.class_balance_tolerance}")
-    if len(set(c.classes)) != len(c.classes):
-        raise UserError("ingest.classes has duplicate names")
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -222,15 +164,16 @@ class BatchBuilder:
 
 # ------------------------------------------------------------------------------------ ingest
 def ingest(source: str, store_root: str | Path, split: str = "train", size: int | None = None, *,
-           params: IngestParams | None = None, reports_dir: str | Path = "reports",
+           settings: Settings | None = None, reports_dir: str | Path = "reports",
            dvc: bool | None = None, push: bool | None = None, workers: int | None = None,
            log: Callable[[str], None] | None = None) -> IngestSummary:
     """Add what is new in `source` to `store_root/split` as one validated, versioned batch.
 
-    `dvc`/`push`/`workers` None = as in params. Raises `ValidationFailed` (store untouched),
+    `settings` None = the project's (`load_settings()`); its `ingest`, `validate` and `versioning`
+    sections apply; `dvc`/`push`/`workers` None = as there. Raises `ValidationFailed` (store untouched),
     `UserError` or `StoreError` for input the user must fix.
     """
-    params = params or load_params()
+    params = settings or load_settings()
     cfg = params.ingest
     log = log or (lambda msg: print(f"ingest: {msg}", file=sys.stderr))
     if not SPLIT_NAME.match(split):
@@ -316,7 +259,7 @@ def _open_split(split_dir: Path, side: int, explicit_size: bool) -> tuple[ImageS
     return ImageStore(split_dir, side, side, [], []), False
 
 
-def _known_classes(declared: Iterable[str], store_classes: list[str], cfg: ValidateConfig) -> list[str] | None:
+def _known_classes(declared: Iterable[str], store_classes: list[str], cfg: Any) -> list[str] | None:
     declared = list(declared)
     if declared:
         return list(dict.fromkeys([*store_classes, *declared]))

@@ -29,10 +29,10 @@ import yaml
 from PIL import Image
 
 from sslflow.core.errors import UserError
-from sslflow.ssl_models.store import IMAGE_SUFFIXES
 from sslflow.tasks.data import demo
 from sslflow.tasks.data.decode import DecodeOptions, FileTask, Outcome, Rejected, decode_files, decode_image
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 OFFLINE_ENV = "SSLFLOW_OFFLINE"
 PROBE_TIMEOUT_S = 3.0
 

@@ -37,13 +37,6 @@ LOCAL_REMOTE = "sslflow-local"
 
 
 
-@dataclass(frozen=True)
-class VersioningConfig:
-    dvc: str  # auto (track when inside a DVC repo) | on (require one) | off
-    push: bool  # dvc push after each ingest
-    remote_dir: str  # local remote used when the repo has no default remote (~ expanded)
-
-
 @dataclass
 class VersionInfo:
     data_version: str | None
@@ -104,13 +97,13 @@ def find_repo_root(path: Path) -> Path | None:
 class Tracker:
     """`dvc add` / `dvc push` of one store root inside a DVC repo."""
 
-    def __init__(self, repo_root: Path, store_root: Path, cfg: VersioningConfig) -> None:
+    def __init__(self, repo_root: Path, store_root: Path, cfg: Any) -> None:
         self.repo_root, self.store_root, self.cfg = repo_root, store_root.resolve(), cfg
         self.dvc_file = self.store_root.with_name(self.store_root.name + ".dvc")
         self.pipeline_stage: str | None = None  # set when a dvc.yaml stage outputs the store
 
     @classmethod
-    def for_store(cls, store_root: Path, cfg: VersioningConfig) -> Tracker | None:
+    def for_store(cls, store_root: Path, cfg: Any) -> Tracker | None:
         """The tracker, or None when DVC is off / not a DVC repo (error when `dvc: on`)."""
         if cfg.dvc not in ("auto", "on", "off"):
             raise UserError(f"versioning.dvc must be auto, on or off; got {cfg.dvc!r}")
@@ -204,3 +197,18 @@ def version_store(store_root: Path, tracker: Tracker | None, push: bool) -> Vers
         except DvcException as e:
             info.error = f"dvc push failed: {e}".replace("\n", " ")
     return info
+
+
+def store_data_version(store_root: str | Path) -> str | None:
+    """The DVC hash recorded for the store (`<store>.dvc`), else None (not computed here: it
+    reads every byte of the store)."""
+    import yaml
+
+    dvc_file = Path(str(store_root).rstrip("/") + ".dvc")
+    if not dvc_file.is_file():
+        return None
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+        return str(outs[0].get("md5")) if outs else None
+    except (yaml.YAMLError, AttributeError, IndexError):
+        return None

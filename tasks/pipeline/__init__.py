@@ -1,0 +1,1 @@
+"""The Prefect task wrappers the flows call, and the plain decisions the flows make."""

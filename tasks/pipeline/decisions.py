@@ -1,94 +1,21 @@
-"""Pipeline parameters (`params/pipeline.yaml`) and the plain decisions the flows make.
+"""The plain decisions the flows make, and the markdown they report them with.
 
 No Prefect here: `flows/` wraps these, the CLI and tests call them directly.
 
-    pp = load_pipeline_params()                 # params/pipeline.yaml (+ file, --set pipeline.*)
-    n = train_image_count("data/store")         # images in the train split (0 if none yet)
-    trained_on = champion_train_images(tp)      # the champion's `data.train_images` version tag
-    decision = retrain_decision(n, trained_on, pp.pipeline.min_new_images, force=False)
+    n = train_image_count(settings.path(settings.pipeline.store))   # images in the train split
+    champ = champion_version(settings)                               # the version holding `champion`
+    decision = retrain_decision(n, trained_on(champ), settings.pipeline.min_new_images)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sslflow.core.errors import UserError
-from sslflow.core.settings import DATA_SECTIONS, PARAMS_DIR, build, merged_sections
-
-PARAMS_FILE = "pipeline.yaml"
-SECTION = "pipeline"
-TRACKING_SECTIONS = frozenset({"tracking", "promotion"})
-# Version tags the train flow writes on every registered encoder: what it was trained on.
-TAG_TRAIN_IMAGES = "data.train_images"
-TAG_DATA_VERSION = "data.version"
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    store: str
-    incoming: str
-    runs: str
-    reports: str
-    min_new_images: int
-    force: bool
-    retries: int
-    retry_delay_s: float
-    lock: str
-    lock_timeout_s: float
-    cron: str
-    timezone: str
-    work_pool: str
-    gpu_work_pool: str
-    gpu_limit: str
-    pretrain_deployment: str  # "" = pretrain in the train flow's process; "flow/deployment" = run_deployment
-
-
-@dataclass(frozen=True)
-class PipelineParams:
-    pipeline: PipelineConfig
-
-
-def load_pipeline_params(params_file: str | Path | None = None, overrides: Iterable[str] = (),
-                         params_dir: Path = PARAMS_DIR) -> PipelineParams:
-    """`params/pipeline.yaml`, then the `pipeline` section of `params_file`, then the
-    `pipeline.*` entries of `overrides` (others belong to other loaders)."""
-    raw = merged_sections(PipelineParams, Path(params_dir) / PARAMS_FILE, params_file, overrides)
-    pp: PipelineParams = build(PipelineParams, raw, prefix="")
-    p = pp.pipeline
-    if p.min_new_images < 0:
-        raise UserError(f"pipeline.min_new_images must be >= 0; got {p.min_new_images}")
-    if p.retries < 0:
-        raise UserError(f"pipeline.retries must be >= 0; got {p.retries}")
-    if p.retry_delay_s < 0 or p.lock_timeout_s < 0:
-        raise UserError("pipeline.retry_delay_s and pipeline.lock_timeout_s must be >= 0")
-    if not p.lock.strip():
-        raise UserError("pipeline.lock must name a concurrency limit")
-    if len(p.cron.split()) != 5:
-        raise UserError(f"pipeline.cron must be a 5-field cron expression; got {p.cron!r}")
-    if p.pretrain_deployment.strip() and p.pretrain_deployment.count("/") != 1:
-        raise UserError("pipeline.pretrain_deployment must name a deployment as flow/deployment "
-                        f"(e.g. pretrain/gpu) or be empty; got {p.pretrain_deployment!r}")
-    return pp
-
-
-def _section(override: str) -> str:
-    return override.split(".", 1)[0].split("=", 1)[0].strip()
-
-
-def partition_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
-    """Split a mixed `--set` list by loader: engine, data (ingest/validate/versioning),
-    tracking (tracking/promotion) and pipeline."""
-    out: dict[str, list[str]] = {"engine": [], "data": [], "tracking": [], "pipeline": []}
-    for item in overrides:
-        s = _section(item)
-        key = ("data" if s in DATA_SECTIONS else "tracking" if s in TRACKING_SECTIONS
-               else "pipeline" if s == SECTION else "engine")
-        out[key].append(item)
-    return out
+# The version tags `retrain` reads (written by `sslflow.tasks.tracking.registry.register_and_promote`).
+from sslflow.tasks.tracking.registry import TAG_TRAIN_IMAGES
 
 
 def retry_delays(retries: int, first_s: float) -> list[float]:
@@ -96,57 +23,17 @@ def retry_delays(retries: int, first_s: float) -> list[float]:
     return [first_s * 2 ** i for i in range(retries)]
 
 
-# ------------------------------------------------------------------------------------ data
-def train_image_count(store_root: str | Path) -> int:
-    """Images published in `store_root/train` (0 when the split does not exist yet)."""
-    from sslflow.ssl_models.store import ImageStore
-
-    split = Path(store_root) / "train"
-    if not (split / "store.json").is_file():
-        return 0
-    return len(ImageStore.open(split))
-
-
-def require_images(split_dir: str | Path) -> int:
-    """The number of images in a published split; a one-line `UserError` when there are none."""
-    from sslflow.ssl_models.store import ImageStore
-
-    split_dir = Path(split_dir)
-    if not (split_dir / "store.json").is_file():
-        raise UserError(f"image store {split_dir} does not exist: ingest images first "
-                        "(sslflow ingest --source ... --store ... or sslflow run)")
-    n = len(ImageStore.open(split_dir))
-    if n == 0:
-        raise UserError(f"image store {split_dir} is empty: ingest images first")
-    return n
-
-
-def store_data_version(store_root: str | Path) -> str | None:
-    """The DVC hash recorded for the store (`<store>.dvc`), else None (not computed here: it
-    reads every byte of the store)."""
-    import yaml
-
-    dvc_file = Path(str(store_root).rstrip("/") + ".dvc")
-    if not dvc_file.is_file():
-        return None
-    try:
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
-        return str(outs[0].get("md5")) if outs else None
-    except (yaml.YAMLError, AttributeError, IndexError):
-        return None
-
-
 # ------------------------------------------------------------------------------------ champion
-def champion_version(tp: Any, client: Any = None) -> Any:
+def champion_version(settings: Any, client: Any = None) -> Any:
     """The registered model version holding alias `champion`, or None."""
+    from sslflow.tasks.tracking.backend import resolve_tracking_uri
     from sslflow.tasks.tracking.registry import CHAMPION, current_alias
-    from sslflow.tasks.tracking.track import resolve_tracking_uri
 
     if client is None:
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(tp.tracking))
-    return current_alias(tp.tracking.model_name, CHAMPION, client)
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(settings))
+    return current_alias(settings.tracking.model_name, CHAMPION, client)
 
 
 def trained_on(mv: Any) -> int | None:

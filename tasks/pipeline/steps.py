@@ -1,14 +1,16 @@
 """The pipeline steps as Prefect tasks: thin wrappers around the plain functions in `tasks/`.
 
 Each wrapper only adds Prefect's logger, retries and a task name; without Prefect, call
-`tasks.ingest.ingest`, `tasks.validate.validate_split`, `tasks.pretrain.pretrain`,
-`tasks.evaluate.evaluate`, `tasks.track.log_training`, `tasks.register.*` directly.
+`sslflow.tasks.data.ingest.ingest`, `...data.validate.validate_split`,
+`...training.pretrain.pretrain`, `...training.evaluate.evaluate`,
+`...tracking.report.log_training` and `...tracking.registry.register_and_promote` directly:
+they are what the tests test.
 
-I/O steps (ingest, MLflow logging, registration) retry with exponential backoff
-(`pipeline.retries`, `pipeline.retry_delay_s`: the flows apply them with `with_retries`), but
-never on a `UserError` / `StoreError`: bad input or a failed validation does not get better.
-Compute steps (pretrain, evaluate) and the promotion (not idempotent: it moves aliases) do
-not retry.
+I/O steps (ingest, MLflow logging) retry with exponential backoff (`pipeline.retries`,
+`pipeline.retry_delay_s`: the flows apply them with `with_retries`), but never on bad input
+(`UserError`, or an engine error such as `StoreError`): it does not get better. Compute steps
+(pretrain, evaluate) and registration + promotion (not idempotent: a retry would register a
+second version and move aliases again) do not retry.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sslflow.core.errors import UserError
-from sslflow.tasks.pipeline.decisions import TAG_DATA_VERSION, TAG_TRAIN_IMAGES, require_images, retry_delays
+from sslflow.ssl_models.errors import EngineError
+from sslflow.tasks.data.splits import require_images
+from sslflow.tasks.pipeline.decisions import retry_delays
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Retry unless the failure is the user's to fix."""
-    from sslflow.ssl_models.store import StoreError
-
     try:
         state.result()
-    except (UserError, StoreError):
+    except (UserError, EngineError):
         return False
     except BaseException:
         return True
@@ -45,11 +47,11 @@ def with_retries(t: Any, retries: int, first_delay_s: float) -> Any:
 
 
 @task(name="ingest", cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
-def ingest_step(source: str, store: str | Path, split: str, params: Any, reports_dir: str | Path) -> Any:
+def ingest_step(source: str, store: str | Path, split: str, settings: Any, reports_dir: str | Path) -> Any:
     from sslflow.tasks.data.ingest import ingest
 
     logger = get_run_logger()
-    summary = ingest(str(source), store, split, params=params, reports_dir=reports_dir,
+    summary = ingest(str(source), store, split, settings=settings, reports_dir=reports_dir,
                      log=lambda msg: logger.info("ingest %s: %s", split, msg))
     logger.info("ingest %s from %s: %s, %d new images, %d in the split, data version %s", split, source,
                 summary.status, summary.new_images, summary.total_in_store, summary.data_version)
@@ -57,7 +59,7 @@ def ingest_step(source: str, store: str | Path, split: str, params: Any, reports
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_step(split_dir: str | Path, params: Any, reports_dir: str | Path) -> dict[str, Any]:
+def validate_step(split_dir: str | Path, settings: Any, reports_dir: str | Path) -> dict[str, Any]:
     """Re-check a published split with the GX suites; `ValidationFailed` stops the flow."""
     from sslflow.ssl_models.store import ImageStore
     from sslflow.tasks.data.decode import DecodeOptions
@@ -65,10 +67,10 @@ def validate_step(split_dir: str | Path, params: Any, reports_dir: str | Path) -
 
     split_dir = Path(split_dir)
     n = require_images(split_dir)
-    c = params.ingest
-    classes = list(c.classes) or (None if params.validate.allow_new_classes else ImageStore.open(split_dir).classes)
+    c = settings.ingest
+    classes = list(c.classes) or (None if settings.validate.allow_new_classes else ImageStore.open(split_dir).classes)
     result = validate_split(split_dir, limits=DecodeOptions(c.size, c.min_side, c.max_pixels, c.max_file_bytes),
-                            cfg=params.validate, classes=classes, reports_dir=Path(reports_dir))
+                            cfg=settings.validate, classes=classes, reports_dir=Path(reports_dir))
     if not result.success:
         raise ValidationFailed(result, prefix=f"{split_dir}: ")
     get_run_logger().info("validated %s: %d images, report %s", split_dir, n, result.report)
@@ -76,18 +78,19 @@ def validate_step(split_dir: str | Path, params: Any, reports_dir: str | Path) -
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
-def pretrain_step(data: str | Path, out: str | Path, params: Any, *, eval_train: str | Path | None = None,
+def pretrain_step(data: str | Path, out: str | Path, settings: Any, *, eval_train: str | Path | None = None,
                   eval_test: str | Path | None = None, callbacks: Sequence[Any] = (),
                   progress_bar: bool = False, gpu_limit: str = "") -> Any:
-    """`tasks.pretrain.pretrain`; with `gpu_limit` it holds one slot of that global
+    """`sslflow.tasks.training.pretrain.pretrain`; with `gpu_limit` it holds one slot of that global
     concurrency limit while it trains (one slot per GPU: `prefect gcl create gpu --limit N`)."""
     from contextlib import nullcontext
 
+    from sslflow.tasks.tracking.run import backbone_label
     from sslflow.tasks.training.pretrain import pretrain
 
     logger = get_run_logger()
-    p = params.pretrain
-    logger.info("pretraining %s / %s (width %d) for %d epochs on %s into %s", p.method, p.backbone, p.width,
+    p = settings.pretrain
+    logger.info("pretraining %s / %s for %d epochs on %s into %s", p.method, backbone_label(settings),
                 p.epochs, data, out)
     if gpu_limit:
         from prefect.concurrency.sync import concurrency
@@ -96,7 +99,7 @@ def pretrain_step(data: str | Path, out: str | Path, params: Any, *, eval_train:
     else:
         slot = nullcontext()
     with slot:
-        result = pretrain(data, out, params, eval_train=eval_train, eval_test=eval_test,
+        result = pretrain(data, out, settings, eval_train=eval_train, eval_test=eval_test,
                           callbacks=list(callbacks), progress_bar=progress_bar)
     logger.info("pretraining done: %s", {k: round(v, 4) if isinstance(v, float) else v
                                          for k, v in result.metrics.items()})
@@ -104,60 +107,38 @@ def pretrain_step(data: str | Path, out: str | Path, params: Any, *, eval_train:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_step(run_dir: str | Path, train: str | Path, test: str | Path, params: Any,
+def evaluate_step(run_dir: str | Path, train: str | Path, test: str | Path, settings: Any,
                   protocols: Sequence[str]) -> Any:
     from sslflow.tasks.training.evaluate import evaluate
 
-    report = evaluate(run_dir, train, test, params, list(protocols))
+    report = evaluate(run_dir, train, test, settings, list(protocols))
     get_run_logger().info("evaluation (%s): %s", ", ".join(protocols),
                           {k: round(float(v), 2) for k, v in report.metrics.items()})
     return report
 
 
 @task(name="log", cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
-def log_step(run: Any, run_dir: str | Path, params: Any, report: Any, *, train_store: str | Path,
+def log_step(run: Any, run_dir: str | Path, settings: Any, report: Any, *, train_store: str | Path,
              test_store: str | Path, gx_report: Any = None) -> dict[str, Any]:
-    from sslflow.tasks.tracking.track import log_training
+    from sslflow.tasks.tracking.report import log_training
 
-    logged = log_training(run, run_dir, params, report, train_store=train_store, test_store=test_store,
+    logged = log_training(run, run_dir, settings, report, train_store=train_store, test_store=test_store,
                           gx_report=gx_report)
     get_run_logger().info("logged %d metrics and the artifacts to MLflow run %s", len(logged), run.run_id)
     return logged
 
 
-@task(name="register", cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
-def register_step(run: Any, run_dir: str | Path, report: Any, tp: Any, *, train_images: int,
-                  data_version: str | None, test_store: str | Path | None = None) -> Any:
-    """Log the encoder as an MLflow model and register it as a new version of
-    `tracking.model_name`, tagged with the evaluation metrics and what it was trained on
-    (`data.train_images`, `data.version`: `retrain` compares with the champion's)."""
-    from sslflow.ssl_models.store import ImageStore
-    from sslflow.tasks.tracking.registry import log_encoder, register_encoder
+@task(name="register", cache_policy=NO_CACHE)
+def register_step(run: Any, run_dir: str | Path, report: Any, settings: Any, *, train_images: int,
+                  data_version: str | None, test_store: str | Path | None = None,
+                  validation_ok: bool = True) -> Any:
+    """`register_and_promote`: log the encoder as an MLflow model, register it as a new version of
+    `tracking.model_name` tagged with its metrics and what it was trained on (`data.train_images`,
+    `data.version`: `retrain` compares with the champion's), then the promotion gate."""
+    from sslflow.tasks.tracking.registry import TAG_DATA_VERSION, TAG_TRAIN_IMAGES, register_and_promote
 
-    metrics = dict(report.metrics)
-    metric = tp.promotion.metric
-    if metric not in metrics:
-        raise UserError(f"promotion.metric {metric!r} is not in the evaluation report "
-                        f"({', '.join(metrics) or 'no metrics'}); add its protocol to eval.protocols")
-    store = ImageStore.open(test_store) if test_store is not None else None
-    info = log_encoder(run_dir, test_store=store, run_id=run.run_id)
-    mv = register_encoder(info.model_uri, tp.tracking.model_name, eval_metrics=metrics,
-                          tags={"run_id": run.run_id, TAG_TRAIN_IMAGES: train_images,
-                                TAG_DATA_VERSION: data_version or "unknown"})
-    get_run_logger().info("registered %s version %s (%s)", tp.tracking.model_name, mv.version, info.model_uri)
-    return mv
-
-
-@task(name="promote", cache_policy=NO_CACHE)
-def promote_step(run: Any, tp: Any, version: str, report: Any, *, validation_ok: bool = True) -> Any:
-    """The promotion gate (`tasks.register.promote`); the decision also goes to the run."""
-    from sslflow.tasks.tracking.registry import promote
-
-    score = dict(report.metrics).get(tp.promotion.metric) if report is not None else None
-    decision = promote(tp.tracking.model_name, version, score, tp.promotion, validation_ok=validation_ok,
-                       evaluation_ok=report is not None, client=run.client)
-    run.set_tags({"model_name": decision.model_name, "model_version": decision.version,
-                  "promotion.decision": decision.decision, "promotion.reason": decision.reason})
-    run.log_metrics({"promoted": 1.0 if decision.promoted else 0.0}, prefix="promotion/")
-    get_run_logger().info("promotion gate: version %s %s (%s)", version, decision.decision, decision.reason)
+    decision = register_and_promote(run, run_dir, report, settings, validation_ok=validation_ok, test_store=test_store,
+                                    data={TAG_TRAIN_IMAGES: train_images, TAG_DATA_VERSION: data_version})
+    get_run_logger().info("registered %s version %s; promotion gate: %s (%s)", decision.model_name,
+                          decision.version, decision.decision, decision.reason)
     return decision

@@ -16,9 +16,10 @@ Gate (`promote`): a version becomes champion only if validation and evaluation s
 (there is no champion yet, or its score beats the champion's by at least `min_delta` and is
 strictly higher). A failed validation/evaluation is `rejected` and gets no alias.
 
-A flow calls, inside `tasks.track.tracking_run(...)`::
+The train flow calls, inside `sslflow.tasks.tracking.run.tracking_run(...)`::
 
-    decision = register_and_promote(run, run_dir, report, tp, validation_ok=ok, test_store=test)
+    decision = register_and_promote(run, run_dir, report, settings, test_store=test,
+                                    data={TAG_TRAIN_IMAGES: n, TAG_DATA_VERSION: version})
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from sslflow.core.errors import UserError
-from sslflow.tasks.tracking.track import PromotionConfig, TrackedRun, TrackingParams, artifact_store_errors
+from sslflow.tasks.tracking.backend import artifact_store_errors
+from sslflow.tasks.tracking.run import TrackedRun
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 ARTIFACT = "encoder"
@@ -203,7 +205,7 @@ def decide(score: float | None, champion_score: float | None, has_champion: bool
     return "challenger", f"does not beat the champion by min_delta {min_delta:g} (delta {delta:.4g})"
 
 
-def promote(name: str, version: str | int, score: float | None, cfg: PromotionConfig, *,
+def promote(name: str, version: str | int, score: float | None, cfg: Any, *,
             validation_ok: bool = True, evaluation_ok: bool = True, client: Any = None) -> PromotionDecision:
     """Apply the gate to version `version` of `name` and move the aliases accordingly:
     promoted -> it gets `champion`, the displaced champion gets `previous`; challenger -> it
@@ -275,28 +277,36 @@ def promote_by_hand(name: str, version: str | int, client: Any = None) -> Promot
 
 
 # ------------------------------------------------------------------------------------ one call
-def register_and_promote(run: TrackedRun, run_dir: str | Path, eval_report: Any, tp: TrackingParams, *,
+#: Version tags of every registered encoder: what it was trained on (`retrain` compares them).
+TAG_TRAIN_IMAGES = "data.train_images"
+TAG_DATA_VERSION = "data.version"
+
+
+def register_and_promote(run: TrackedRun, run_dir: str | Path, eval_report: Any, settings: Any, *,
                          validation_ok: bool = True, evaluation_ok: bool | None = None,
-                         test_store: Any = None) -> PromotionDecision:
+                         test_store: Any = None, data: dict[str, Any] | None = None) -> PromotionDecision:
     """Log `run_dir`'s encoder into `run`, register it as a new version of
-    `tracking.model_name` and apply the promotion gate on `promotion.metric` of
-    `eval_report` (None = evaluation failed: the version is registered but never promoted).
-    The decision is also written to the run as tags and a `promotion/promoted` metric."""
+    `tracking.model_name` tagged with its evaluation metrics, its run and what it was trained
+    on (`data`: `data.train_images`, `data.version`), then apply the promotion gate on
+    `promotion.metric` of `eval_report` (None = evaluation failed: the version is registered
+    but never promoted). The decision also goes to the run as tags and a `promotion/promoted`
+    metric. A `promotion.metric` the report does not hold is a one-line `UserError`."""
     from sslflow.ssl_models.store import ImageStore
 
     if isinstance(test_store, str | Path):
         test_store = ImageStore.open(test_store)
+    name = settings.tracking.model_name
     metrics = dict(eval_report.metrics) if eval_report is not None else {}
-    metric = tp.promotion.metric
+    metric = settings.promotion.metric
     if evaluation_ok is None:
         evaluation_ok = eval_report is not None
     if eval_report is not None and metric not in metrics:
         raise UserError(f"promotion.metric {metric!r} is not in the evaluation report "
                         f"({', '.join(metrics) or 'no metrics'}); add its protocol to eval.protocols")
     info = log_encoder(run_dir, test_store=test_store, run_id=run.run_id)
-    mv = register_encoder(info.model_uri, tp.tracking.model_name, eval_metrics=metrics,
-                          tags={"run_id": run.run_id})
-    decision = promote(tp.tracking.model_name, mv.version, metrics.get(metric), tp.promotion,
+    tags = {"run_id": run.run_id, **{k: ("unknown" if v is None else v) for k, v in (data or {}).items()}}
+    mv = register_encoder(info.model_uri, name, eval_metrics=metrics, tags=tags)
+    decision = promote(name, mv.version, metrics.get(metric), settings.promotion,
                        validation_ok=validation_ok, evaluation_ok=evaluation_ok, client=run.client)
     run.set_tags({"model_name": decision.model_name, "model_version": decision.version,
                   "promotion.decision": decision.decision, "promotion.reason": decision.reason})

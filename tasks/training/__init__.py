@@ -1,0 +1,1 @@
+"""Training steps: pretrain and evaluate an encoder (the engine behind settings and stores), DVC exports."""

@@ -10,13 +10,12 @@
   has a kNN score but no loss);
 - `knn.csv`: `epoch,knn_top1,knn_top5` for every epoch with an online kNN evaluation.
 
-Used by the `pretrain` stage of `dvc.yaml`:
-`python -m sslflow.tasks.training.dvc_export runs/dvc --metrics metrics/pretrain.json --plots plots`.
+Used by the `pretrain` stage of `dvc.yaml`: `sslflow pretrain ... --metrics metrics/pretrain.json --plots plots`.
+`evaluation_metrics` does the same for `sslflow evaluate --metrics`: only the numbers.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Sequence
@@ -60,15 +59,10 @@ def export(run_dir: str | Path, metrics_out: str | Path, plots_dir: str | Path) 
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="run directory of `sslflow pretrain`")
-    parser.add_argument("--metrics", required=True, help="metrics JSON to write (no wall-clock keys)")
-    parser.add_argument("--plots", required=True, help="directory for loss.csv and knn.csv")
-    args = parser.parse_args(argv)
-    export(args.run_dir, args.metrics, args.plots)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def evaluation_metrics(report: Any, metrics_out: str | Path) -> dict[str, float]:
+    """The evaluation's numbers alone (`<protocol>_top1/_top5`, counts), for `dvc metrics` columns."""
+    numbers = {k: v for k, v in report.to_json().items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics_out = Path(metrics_out)
+    metrics_out.parent.mkdir(parents=True, exist_ok=True)
+    metrics_out.write_text(json.dumps(numbers, indent=1) + "\n")
+    return numbers

@@ -8,15 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sslflow.core.errors import UserError
+from sslflow.core.settings import Settings
 from sslflow.ssl_models.checkpoint import load_encoder
-from sslflow.ssl_models.config import Params
 from sslflow.ssl_models.evaluate import EvalReport
 from sslflow.ssl_models.evaluate import evaluate as run_protocols
-from sslflow.ssl_models.store import open_images
 from sslflow.ssl_models.train import resolve_device
+from sslflow.tasks.data.folders import open_images
 
 
-def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, params: Params,
+def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, settings: Settings,
              protocols: Sequence[str] | None = None, output: str | Path | None = None) -> EvalReport:
     """Evaluate the encoder saved in `encoder_dir` on a labeled train/test pair.
 
@@ -30,15 +30,12 @@ def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, param
         raise UserError(f"{encoder_dir} holds no encoder.pt (has its pretraining finished? "
                         "continue it with `sslflow pretrain --resume`)")
     encoder, meta = load_encoder(encoder_dir)
-    protocols = list(protocols or params.eval.protocols)
+    protocols = list(protocols or settings.eval.protocols)
     cache = (encoder_dir if encoder_dir.is_dir() else encoder_dir.parent) / "data-cache"
-    train_store, test_store = open_images(train, cache), open_images(test, cache)
-    aug = dataclasses.replace(params.augment, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
-    try:
-        device = resolve_device(params.device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    report = run_protocols(encoder, train_store, test_store, protocols, params.eval, aug, device, params.seed)
+    train_store, test_store = open_images(train, cache, settings), open_images(test, cache, settings)
+    aug = dataclasses.replace(settings.augment, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    device = resolve_device(settings.device)
+    report = run_protocols(encoder, train_store, test_store, protocols, settings.eval, aug, device, settings.seed)
     out = Path(output) if output else (encoder_dir if encoder_dir.is_dir() else encoder_dir.parent) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report.to_json(), indent=1))

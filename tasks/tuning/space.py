@@ -1,19 +1,17 @@
-"""What `sslflow tune` searches: the `tune` section of params, the search space, and the
-best configuration written back as a params file.
+"""What `sslflow tune` searches, and the best configuration written back as a settings file.
 
-The space lives in `params/tune.yaml` (`tune.space`): named entries, each a dotted params key
-(`pretrain.temperature`, or `augment.crop_scale[0]` for one element of a list) with a range
-or a list of choices. Sampled values become `--set` overrides on top of the base params, so
-every trial is validated by the same loader as any run (a bad range is a one-line error).
+The space is the `tune.space` setting: named entries, each a dotted settings key with a range
+or a list of choices (`SearchDimConfig` in `sslflow.core.sections`). A key may name the
+trial's method (`pretrain.{method}.temperature`) or one element of a list
+(`augment.crop_scale[0]`). Sampled values become `--set` overrides on top of the base
+settings, so every trial is validated like any run (a bad range is a one-line error).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,34 +19,10 @@ from typing import Any
 import yaml
 
 from sslflow.core.errors import UserError
-from sslflow.core.settings import PARAMS_DIR, build, merged_sections, read_yaml
+from sslflow.core.settings import read_yaml
 
-PARAMS_FILE = "tune.yaml"
-SECTION = "tune"
 _INDEXED = re.compile(r"^(?P<key>[\w.]+)\[(?P<index>\d+)\]$")
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    study: str
-    storage: str
-    trials: int
-    timeout_s: float
-    budget_epochs: int
-    baseline_trial: bool
-    holdout_fraction: float
-    sampler: str
-    sampler_seed: int
-    startup_trials: int
-    pruner: str
-    pruner_startup_trials: int
-    pruner_warmup_epochs: int
-    heartbeat_interval_s: int
-    grace_period_s: int
-    max_retries: int
-    runs: str
-    output: str
-    train_best: bool
+METHOD_PLACEHOLDER = "{method}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +30,7 @@ class SearchDim:
     """One searched parameter: a float/int range or a list of choices."""
 
     name: str
-    param: str  # dotted params key, optionally with [index] for a list element
+    param: str  # dotted settings key, maybe with {method} and/or an [index]
     low: float | None = None
     high: float | None = None
     log: bool = False
@@ -67,173 +41,79 @@ class SearchDim:
     def applies_to(self, method: str) -> bool:
         return not self.methods or method in self.methods
 
-    def suggest(self, trial: Any) -> Any:
+    def key(self, method: str) -> str:
+        """The dotted key for a trial of `method` (`{method}` filled in)."""
+        return self.param.replace(METHOD_PLACEHOLDER, method)
+
+    def suggest(self, trial: Any, method: str) -> Any:
+        key = self.key(method)
         if self.choices:
-            return trial.suggest_categorical(self.param, list(self.choices))
+            return trial.suggest_categorical(key, list(self.choices))
         assert self.low is not None and self.high is not None
         if self.integer:
-            return trial.suggest_int(self.param, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.param, self.low, self.high, log=self.log)
+            return trial.suggest_int(key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(key, self.low, self.high, log=self.log)
 
 
-@dataclass(frozen=True)
-class TuneParams:
-    tune: TuneConfig
-    space: tuple[SearchDim, ...]
-
-
-@dataclass(frozen=True)
-class _Sections:  # the top-level sections `merged_sections` collects for this loader
-    tune: dict
-
-
-def load_tune_params(params_file: str | Path | None = None, overrides: Iterable[str] = (),
-                     params_dir: Path = PARAMS_DIR) -> TuneParams:
-    """`params/tune.yaml`, then the `tune` section of `params_file`, then `tune.*` overrides.
-    Unknown keys, wrong types and empty or malformed ranges are a `UserError` naming the key."""
-    raw = merged_sections(_Sections, Path(params_dir) / PARAMS_FILE, params_file, overrides).get(SECTION)
-    if not isinstance(raw, Mapping):
-        raise UserError("params: the tune section must be a mapping")
-    raw = dict(raw)
-    space_raw = raw.pop("space", None)
-    cfg: TuneConfig = build(TuneConfig, raw, prefix="tune.")
-    _check_config(cfg)
-    space = parse_space(space_raw)
-    return TuneParams(cfg, space)
-
-
-def _check_config(c: TuneConfig) -> None:
-    if not c.study.strip():
-        raise UserError("tune.study must not be empty")
-    positive = {"tune.trials": c.trials, "tune.budget_epochs": c.budget_epochs,
-                "tune.heartbeat_interval_s": c.heartbeat_interval_s, "tune.grace_period_s": c.grace_period_s}
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key} must be > 0; got {value}")
-    for key, value in {"tune.timeout_s": c.timeout_s, "tune.max_retries": c.max_retries,
-                       "tune.startup_trials": c.startup_trials,
-                       "tune.pruner_startup_trials": c.pruner_startup_trials,
-                       "tune.pruner_warmup_epochs": c.pruner_warmup_epochs}.items():
-        if value < 0:
-            raise UserError(f"{key} must be >= 0; got {value}")
-    if c.grace_period_s <= c.heartbeat_interval_s:
-        raise UserError(f"tune.grace_period_s ({c.grace_period_s}) must exceed tune.heartbeat_interval_s "
-                        f"({c.heartbeat_interval_s}): a live trial would be failed between two heartbeats")
-    if not 0.0 <= c.holdout_fraction < 1.0:
-        raise UserError(f"tune.holdout_fraction must be in [0, 1); got {c.holdout_fraction}")
-    if c.sampler not in ("tpe", "random"):
-        raise UserError(f"tune.sampler must be tpe or random; got {c.sampler!r}")
-    if c.pruner not in ("median", "hyperband", "none"):
-        raise UserError(f"tune.pruner must be median, hyperband or none; got {c.pruner!r}")
-
-
-_DIM_KEYS = {"param", "low", "high", "log", "type", "choices", "methods", "enabled"}
-
-
-def parse_space(raw: Any) -> tuple[SearchDim, ...]:
-    """`tune.space` -> the enabled dimensions; each entry is checked and named in errors."""
-    if not isinstance(raw, Mapping) or not raw:
-        raise UserError("tune.space must be a mapping of named entries (see params/tune.yaml)")
-    dims = []
-    for name, entry in raw.items():
-        where = f"tune.space.{name}"
-        if not isinstance(entry, Mapping):
-            raise UserError(f"{where} must be a mapping with param and low/high or choices")
-        unknown = sorted(set(entry) - _DIM_KEYS)
-        if unknown:
-            raise UserError(f"unknown parameter {where}.{unknown[0]} ({', '.join(sorted(_DIM_KEYS))})")
-        if entry.get("enabled", True) is False:
-            continue
-        dims.append(_parse_dim(str(name), entry, where))
-    if not dims:
-        raise UserError("tune.space: every entry is disabled; nothing to search")
-    params = [d.param for d in dims]
-    if len(set(params)) != len(params):
-        raise UserError(f"tune.space: a parameter appears twice ({', '.join(params)})")
-    return tuple(dims)
-
-
-def _parse_dim(name: str, e: Mapping[str, Any], where: str) -> SearchDim:
-    param = e.get("param")
-    if not isinstance(param, str) or not param.strip():
-        raise UserError(f"{where}.param must name a params key, e.g. pretrain.temperature")
-    methods = e.get("methods") or []
-    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
-        raise UserError(f"{where}.methods must be a list of method names")
-    if "choices" in e:
-        choices = e["choices"]
-        if not isinstance(choices, list) or not choices or any(isinstance(c, list | dict) for c in choices):
-            raise UserError(f"{where}.choices must be a non-empty list of values")
-        if {"low", "high", "log"} & set(e):
-            raise UserError(f"{where}: give either choices or low/high, not both")
-        return SearchDim(name, param, choices=tuple(choices), methods=tuple(methods))
-    low, high, log = e.get("low"), e.get("high"), e.get("log", False)
-    kind = e.get("type", "float")
-    if kind not in ("float", "int"):
-        raise UserError(f"{where}.type must be float or int; got {kind!r}")
-    for key, value in (("low", low), ("high", high)):
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-            with suppress(ValueError):
-                value = float(value)
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-            raise UserError(f"{where}.{key} must be a number; got {value!r}")
-        if key == "low":
-            low = float(value)
-        else:
-            high = float(value)
-    if not isinstance(log, bool):
-        raise UserError(f"{where}.log must be true or false")
-    if not low < high:
-        raise UserError(f"{where}: low ({low}) must be below high ({high})")
-    if log and low <= 0:
-        raise UserError(f"{where}: a log range needs low > 0; got {low}")
-    return SearchDim(name, param, low, high, log, kind == "int", methods=tuple(methods))
+def search_space(settings: Any) -> tuple[SearchDim, ...]:
+    """The enabled entries of `tune.space` (already validated by the settings loader)."""
+    return tuple(SearchDim(name, d.param, d.low, d.high, d.log, d.type == "int", tuple(d.choices), tuple(d.methods))
+                 for name, d in settings.tune.space.items() if d.enabled)
 
 
 # ------------------------------------------------------------------------------------ values
 def sample(trial: Any, space: Sequence[SearchDim], base_method: str) -> dict[str, Any]:
-    """Suggest every dimension that applies to the trial's method ({param: value}).
+    """Suggest every dimension that applies to the trial's method ({key: value}).
 
-    The method itself may be searched: it is suggested first, so `methods` filters of the
-    other entries (temperature only for contrastive methods, queue only for MoCo) follow it.
+    The method itself may be searched: it is suggested first, so the `methods` filters and
+    `{method}` keys of the other entries (temperature only for contrastive methods, queue only
+    for MoCo) follow it.
     """
     values: dict[str, Any] = {}
     method = base_method
     for dim in space:
         if dim.param == "pretrain.method":
-            method = values[dim.param] = dim.suggest(trial)
+            method = values[dim.param] = dim.suggest(trial, method)
     for dim in space:
         if dim.param != "pretrain.method" and dim.applies_to(method):
-            values[dim.param] = dim.suggest(trial)
+            values[dim.key(method)] = dim.suggest(trial, method)
     return values
 
 
-def base_point(space: Sequence[SearchDim], base: Mapping[str, Any]) -> dict[str, Any]:
+def _value(settings: Any, key: str) -> Any:
+    """The value of dotted `key` (with an optional [index]) in `settings`."""
+    flat = settings.flat()
+    m = _INDEXED.match(key)
+    if m:
+        return flat[m["key"]][int(m["index"])]
+    if key not in flat:
+        raise UserError(f"tune.space: {key} is not a setting")
+    return flat[key]
+
+
+def base_point(space: Sequence[SearchDim], settings: Any) -> dict[str, Any]:
     """The base configuration's value of every dimension that applies to its method (what
     `tune.baseline_trial` enqueues as the study's first trial)."""
-    method = str(base["pretrain.method"])
-    point = {}
-    for dim in space:
-        if not dim.applies_to(method) and dim.param != "pretrain.method":
-            continue
-        m = _INDEXED.match(dim.param)
-        point[dim.param] = base[m["key"]][int(m["index"])] if m else base[dim.param]
-    return point
+    method = settings.pretrain.method
+    return {dim.key(method): _value(settings, dim.key(method)) for dim in space
+            if dim.applies_to(method) or dim.param == "pretrain.method"}
 
 
-def as_overrides(values: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
-    """`{param: value}` -> `--set` strings; an indexed key replaces one element of the base
+def as_overrides(values: Mapping[str, Any], settings: Any) -> list[str]:
+    """`{key: value}` -> `--set` strings; an indexed key replaces one element of the base
     list (`augment.crop_scale[0]=0.3` with base [0.08, 1.0] -> `augment.crop_scale=[0.3, 1.0]`)."""
     lists: dict[str, list[Any]] = {}
     out = []
+    flat = settings.flat()
     for param, value in values.items():
         m = _INDEXED.match(param)
         if m is None:
             out.append(f"{param}={_yaml_scalar(value)}")
             continue
         key, index = m["key"], int(m["index"])
-        current = lists.setdefault(key, list(base.get(key, [])))
-        if not isinstance(base.get(key), list | tuple) or index >= len(current):
+        base = flat.get(key)
+        current = lists.setdefault(key, list(base) if isinstance(base, list | tuple) else [])
+        if index >= len(current):
             raise UserError(f"tune.space: {param}: {key} is not a list with an element {index}")
         current[index] = value
     out += [f"{key}={yaml.safe_dump(v, default_flow_style=True).strip()}" for key, v in lists.items()]
@@ -244,14 +124,14 @@ def _yaml_scalar(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def nested_values(values: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
-    """`{param: value}` as a nested params mapping (what a params file holds)."""
+def nested_values(values: Mapping[str, Any], settings: Any) -> dict[str, Any]:
+    """`{key: value}` as a nested settings mapping (what a settings file holds)."""
     from sslflow.core.settings import parse_set
 
-    return parse_set(as_overrides(values, base))
+    return parse_set(as_overrides(values, settings))
 
 
-def write_best_params(path: str | Path, values: Mapping[str, Any], base: Mapping[str, Any], *,
+def write_best_params(path: str | Path, values: Mapping[str, Any], settings: Any, *,
                       base_file: str | Path | None, header: Sequence[str]) -> Path:
     """Write the best configuration as a params file, ready for `--params` or DVC.
 
@@ -270,7 +150,7 @@ def write_best_params(path: str | Path, values: Mapping[str, Any], base: Mapping
         doc = rt.load(Path(base_file).read_text()) or {}
     if not isinstance(doc, Mapping):
         raise UserError(f"{base_file} must hold a mapping of sections")
-    _deep_set(doc, nested_values(values, base))
+    _deep_set(doc, nested_values(values, settings))
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     comment = "\n".join([f"Best configuration written by `sslflow tune` ({stamp}):", *header])
     if hasattr(doc, "yaml_set_start_comment") and Path(base_file or "").resolve() != path.resolve():
@@ -296,12 +176,3 @@ def _deep_set(doc: Any, values: Mapping[str, Any]) -> None:
             doc[key][:] = value  # keep the list's flow style and comments
         else:
             doc[key] = value
-
-
-def base_values(files: Sequence[str | Path], overrides: Iterable[str]) -> dict[str, Any]:
-    """The flat base params (what an indexed key's list defaults to)."""
-    from sslflow.core.settings import load_params
-    from sslflow.ssl_models.config import as_dict, flatten
-
-    return flatten(as_dict(load_params(list(files), overrides)))
-

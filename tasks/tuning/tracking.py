@@ -20,16 +20,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sslflow.tasks.tracking.track import (
-    MLflowCallback,
-    TrackingConfig,
-    _pyplot,
-    _save,
-    artifact_store_errors,
-    flat_params,
-    get_or_create_experiment,
-    run_tags,
-)
+from sslflow.tasks.tracking.backend import artifact_store_errors, get_or_create_experiment
+from sslflow.tasks.tracking.plots import pyplot, save_figure
+from sslflow.tasks.tracking.run import MLflowCallback, flat_params, run_tags
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -38,12 +31,12 @@ STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 class StudyTracker:
     """Creates and updates the MLflow runs of one study on one tracking backend."""
 
-    def __init__(self, cfg: TrackingConfig, uri: str) -> None:
+    def __init__(self, settings: Any, uri: str) -> None:
         from mlflow import MlflowClient
 
-        self.cfg, self.uri = cfg, uri
+        self.settings, self.cfg, self.uri = settings, settings.tracking, uri
         self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = get_or_create_experiment(self.client, cfg.experiment, uri)
+        self.experiment_id = get_or_create_experiment(self.client, self.cfg.experiment, uri)
 
     # ------------------------------------------------------------------------------ parent
     def parent_run(self, study: Any, *, created: bool, config: Mapping[str, Any], storage_label: str,
@@ -61,7 +54,8 @@ class StudyTracker:
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             return str(run_id)
-        tags = run_tags(extra={"sslflow.kind": "tune-study", "optuna.study": study.study_name,
+        tags = run_tags(None, project_dir=self.settings.project,
+                        extra={"sslflow.kind": "tune-study", "optuna.study": study.study_name,
                                "optuna.storage": storage_label})
         run = self.client.create_run(self.experiment_id, run_name=f"tune-{study.study_name}", tags=tags)
         items = {f"tune.{k}": v for k, v in config.items()}
@@ -160,7 +154,7 @@ def plot_study(study: Any, out_dir: Path, log: Callable[[str], None] = print) ->
     different values) is skipped with a log line, never an error."""
     from optuna.visualization import matplotlib as ovm
 
-    _pyplot()  # the Agg backend, before Optuna's matplotlib helpers touch pyplot
+    pyplot()  # the Agg backend, before Optuna's matplotlib helpers touch pyplot
     plots = {"optimization_history.png": ovm.plot_optimization_history,
              "knn_by_epoch.png": ovm.plot_intermediate_values,
              "param_importances.png": ovm.plot_param_importances}
@@ -174,5 +168,5 @@ def plot_study(study: Any, out_dir: Path, log: Callable[[str], None] = print) ->
             log(f"tune: no {name} yet ({e})")
             continue
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-        written.append(_save(fig, out_dir / name))
+        written.append(save_figure(fig, out_dir / name))
     return written

@@ -16,16 +16,17 @@ from PIL import Image
 
 from helpers import CIFAR10_ARCHIVE
 from sslflow.core.errors import UserError
+from sslflow.core.settings import load_settings
 from sslflow.ssl_models.store import ImageStore, StoreError
 from sslflow.tasks.data import manifest
 from sslflow.tasks.data.decode import Accepted, DecodeOptions, FileTask, decode_files
-from sslflow.tasks.data.ingest import ingest, load_params
+from sslflow.tasks.data.ingest import ingest
 
 BASE = ["ingest.size=16", "ingest.min_side=8", "ingest.max_pixels=10000", "versioning.dvc=off"]
 
 
 def params(*overrides: str):
-    return load_params(overrides=[*BASE, *overrides])
+    return load_settings([], [*BASE, *overrides])
 
 
 def noise(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -41,7 +42,7 @@ def write_images(folder: Path, names: list[str], seed: int = 0, size: int = 20) 
 
 def run(src: Path | str, store: Path, tmp: Path, split: str = "train", **kw):
     p = kw.pop("p", None) or params()
-    return ingest(str(src), store, split, params=p, reports_dir=tmp / "reports", log=lambda m: None, **kw)
+    return ingest(str(src), store, split, settings=p, reports_dir=tmp / "reports", log=lambda m: None, **kw)
 
 
 # ------------------------------------------------------------------------------------ hostile folder
@@ -194,7 +195,7 @@ def test_existing_store_keeps_its_size(tmp_path):
     write_images(src, ["a/0.png", "b/0.png"])
     run(src, store, tmp_path)
     with pytest.raises(StoreError, match="16x16"):
-        ingest(str(src), store, "train", size=32, params=params(), reports_dir=tmp_path / "r", log=lambda m: None)
+        ingest(str(src), store, "train", size=32, settings=params(), reports_dir=tmp_path / "r", log=lambda m: None)
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -259,6 +260,7 @@ def test_cli_ingest_prints_summary_and_exit_codes(tmp_path, monkeypatch, capsys)
     src = tmp_path / "src"
     write_images(src, ["a/0.png", "b/0.png"])
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SSLFLOW_PROJECT", str(tmp_path))  # reports/ go to the project
     code = main(["ingest", "--source", str(src), "--store", "data/store", "--no-dvc", "--set", "ingest.size=16"])
     out = capsys.readouterr()
     assert code == 0

@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from sslflow.core.sections import ValidateConfig
+from sslflow.core.settings import load_settings
 from sslflow.ssl_models.store import ImageStore
 from sslflow.tasks.data import manifest
 from sslflow.tasks.data.decode import Accepted, DecodeOptions
-from sslflow.tasks.data.ingest import ingest, load_params
-from sslflow.tasks.data.validate import ValidateConfig, ValidationFailed, validate
+from sslflow.tasks.data.ingest import ingest
+from sslflow.tasks.data.validate import ValidationFailed, validate
 
 LIMITS = DecodeOptions(size=16, min_side=8, max_pixels=10000, max_file_bytes=1 << 20)
 CFG = ValidateConfig(max_quarantined_fraction=0.05, class_balance_tolerance=0.5, allow_new_classes=True)
@@ -91,15 +93,15 @@ def tree_digest(root: Path) -> dict[str, str]:
 def test_threshold_exceeded_stops_the_batch_and_leaves_the_store_unchanged(tmp_path):
     src, store = tmp_path / "incoming", tmp_path / "store"
     write_images(src, [f"{c}/{i}.png" for c in ("a", "b") for i in range(5)])
-    p = load_params(overrides=BASE)
-    first = ingest(str(src), store, "train", params=p, reports_dir=tmp_path / "reports", log=lambda m: None)
+    p = load_settings([], BASE)
+    first = ingest(str(src), store, "train", settings=p, reports_dir=tmp_path / "reports", log=lambda m: None)
     before = tree_digest(store)
 
     write_images(src, [f"{c}/new{i}.png" for c in ("a", "b") for i in range(3)], seed=1)
     (src / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
     (src / "b" / "empty.jpg").write_bytes(b"")
     with pytest.raises(ValidationFailed) as e:
-        ingest(str(src), store, "train", params=p, reports_dir=tmp_path / "reports", log=lambda m: None)
+        ingest(str(src), store, "train", settings=p, reports_dir=tmp_path / "reports", log=lambda m: None)
     message = str(e.value)
     assert "was not added" in message and "expect_column_values_to_be_in_set(status)" in message
     assert "a/broken.png" in message and "b/empty.jpg" in message and "\n" not in message
@@ -110,8 +112,8 @@ def test_threshold_exceeded_stops_the_batch_and_leaves_the_store_unchanged(tmp_p
     assert summary["validation"]["success"] is False and first.status == "published"
 
     # raising the threshold lets the same batch in: only the 6 new images
-    loose = load_params(overrides=[*BASE, "validate.max_quarantined_fraction=0.2"])
-    ok = ingest(str(src), store, "train", params=loose, reports_dir=tmp_path / "reports", log=lambda m: None)
+    loose = load_settings([], [*BASE, "validate.max_quarantined_fraction=0.2"])
+    ok = ingest(str(src), store, "train", settings=loose, reports_dir=tmp_path / "reports", log=lambda m: None)
     assert (ok.accepted, ok.duplicates, len(ok.quarantined)) == (6, 10, 2)
 
 
@@ -120,7 +122,7 @@ def test_a_failed_first_batch_leaves_no_store(tmp_path):
     write_images(src, ["a/0.png"])
     (src / "a" / "bad.png").write_text("no")
     with pytest.raises(ValidationFailed):
-        ingest(str(src), tmp_path / "store", "train", params=load_params(overrides=BASE),
+        ingest(str(src), tmp_path / "store", "train", settings=load_settings([], BASE),
                reports_dir=tmp_path / "reports", log=lambda m: None)
     assert not (tmp_path / "store").exists()
 

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from sslflow.core.errors import UserError
+from sslflow.core.settings import load_settings
 from sslflow.ssl_models.store import ImageStore
-from sslflow.tasks.data.ingest import ingest, load_params
+from sslflow.tasks.data.ingest import ingest
 from sslflow.tasks.data.versioning import dir_hash
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="DVC tests need git")
@@ -50,12 +51,12 @@ def repo(tmp_path) -> Path:
 
 
 def params(tmp_path: Path, *overrides: str):
-    return load_params(overrides=["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=3",
+    return load_settings([], ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=3",
                                   f"versioning.remote_dir={tmp_path / 'remote'}", *overrides])
 
 
 def run(repo: Path, source: str, p) -> object:
-    return ingest(source, repo / "data" / "store", "train", params=p, reports_dir=repo / "reports",
+    return ingest(source, repo / "data" / "store", "train", settings=p, reports_dir=repo / "reports",
                   log=lambda m: None)
 
 
@@ -94,11 +95,11 @@ def test_versions_are_dvc_hashes_pushed_and_restorable(repo, tmp_path):
 
 
 def test_outside_a_dvc_repo_the_same_hash_is_computed(tmp_path):
-    s = ingest("demo", tmp_path / "store", "train", params=params(tmp_path), reports_dir=tmp_path / "r",
+    s = ingest("demo", tmp_path / "store", "train", settings=params(tmp_path), reports_dir=tmp_path / "r",
                log=lambda m: None)
     assert s.versioning["hashed_by"] == "sslflow" and s.data_version == dir_hash(tmp_path / "store")
     with pytest.raises(UserError, match="not inside a DVC repo"):
-        ingest("demo", tmp_path / "store2", "train", params=params(tmp_path, "versioning.dvc=on"),
+        ingest("demo", tmp_path / "store2", "train", settings=params(tmp_path, "versioning.dvc=on"),
                reports_dir=tmp_path / "r", log=lambda m: None)
 
 
@@ -112,7 +113,7 @@ def test_a_git_ignored_dvc_file_fails_before_anything_is_written(repo, tmp_path)
 def test_a_configured_remote_wins_over_the_local_default(repo, tmp_path):
     team = tmp_path / "team-remote"
     dvc(repo, "remote", "add", "-d", "team", str(team))
-    held = ingest("demo", repo / "data" / "store", "train", params=params(tmp_path), push=False,
+    held = ingest("demo", repo / "data" / "store", "train", settings=params(tmp_path), push=False,
                   reports_dir=repo / "reports", log=lambda m: None)
     assert held.versioning["pushed"] is False and not team.exists()
     s = run(repo, "demo", params(tmp_path))  # nothing new, but the push catches up

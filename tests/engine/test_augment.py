@@ -33,7 +33,7 @@ from sslflow.ssl_models.augment import (
     to_float,
 )
 from sslflow.ssl_models.config import AugmentConfig
-from sslflow.ssl_models.methods.base import ViewSpec
+from sslflow.ssl_models.views import ViewSpec
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -42,7 +42,7 @@ FULL = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
 
 
 def make_cfg(**overrides) -> AugmentConfig:
-    """The defaults of params/pretrain.yaml, with overrides."""
+    """The built-in defaults of the augment section, with overrides."""
     values = dict(
         strength=0.5, crop_scale=(0.08, 1.0), crop_ratio=RATIO, flip_prob=0.5, jitter_prob=0.8,
         grayscale_prob=0.2, blur_sigma=(0.1, 2.0), local_crops=6, local_crop_scale=(0.05, 0.4),
@@ -57,6 +57,17 @@ def no_aug_cfg(**overrides) -> AugmentConfig:
     values = dict(strength=0.0, flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, crop_ratio=(1.0, 1.0))
     values.update(overrides)
     return make_cfg(**values)
+
+
+def S(size: int, scale: tuple[float, float], blur_prob: float = 0.0, solarize_prob: float = 0.0) -> tuple:
+    """A view of the shared recipe: (size, crop scale, blur, solarize); `augmenter` completes it."""
+    return (size, scale, blur_prob, solarize_prob)
+
+
+def augmenter(cfg: AugmentConfig, specs: list[tuple]) -> BatchAugment:
+    """BatchAugment of views drawn with the shared recipe `cfg` (flip, jitter, grayscale from it)."""
+    views = [ViewSpec.from_augment(cfg, size, scale, blur_prob=b, solarize_prob=s) for size, scale, b, s in specs]
+    return BatchAugment(views, cfg.mean, cfg.std)
 
 
 def rand_images(b: int, h: int = 8, w: int = 8, seed: int = 0) -> torch.Tensor:
@@ -91,14 +102,14 @@ def test_normalize_and_eval_view():
     x = torch.full((1, 3, 2, 2), 0.5)
     out = normalize(x, (0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 1.0, 0.25]))
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous()  # NCHW on the CPU (channels_last on CUDA: model_layout)
 
     images = rand_uint8(3, 6, 6)
     view = eval_view(images, MEAN, STD)
     expected = (images.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
         STD
     ).view(1, 3, 1, 1)
-    assert view.shape == (3, 3, 6, 6) and view.is_contiguous(memory_format=torch.channels_last)
+    assert view.shape == (3, 3, 6, 6) and view.is_contiguous()
     torch.testing.assert_close(view, expected)
 
 
@@ -317,31 +328,31 @@ def test_blur_sigma_is_per_image_and_matches_torchvision(kernel_size):
 # --------------------------------------------------------------------------------------------
 
 
-SIMCLR = [ViewSpec(32, (0.08, 1.0)), ViewSpec(32, (0.08, 1.0))]
-BYOL = [ViewSpec(32, (0.08, 1.0), blur_prob=1.0), ViewSpec(32, (0.08, 1.0), blur_prob=0.1, solarize_prob=0.2)]
-DINO = [*BYOL, *[ViewSpec(16, (0.05, 0.4), blur_prob=0.5) for _ in range(6)]]
+SIMCLR = [S(32, (0.08, 1.0)), S(32, (0.08, 1.0))]
+BYOL = [S(32, (0.08, 1.0), blur_prob=1.0), S(32, (0.08, 1.0), blur_prob=0.1, solarize_prob=0.2)]
+DINO = [*BYOL, *[S(16, (0.05, 0.4), blur_prob=0.5) for _ in range(6)]]
 
 
 def test_multicrop_shapes_dtype_layout():
-    aug = BatchAugment(make_cfg(), DINO)
+    aug = augmenter(make_cfg(), DINO)
     out = aug(rand_uint8(6), torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in out] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 6
     for v in out:
         assert v.dtype == torch.float32
-        assert v.is_contiguous(memory_format=torch.channels_last)
+        assert v.is_contiguous()  # the CPU model layout
         assert bool(torch.isfinite(v).all())
         assert not v.requires_grad
 
 
 def test_eager_cpu_works_without_no_grad_and_on_non_square_images():
     assert torch.is_grad_enabled()
-    aug = BatchAugment(make_cfg(), BYOL)
+    aug = augmenter(make_cfg(), BYOL)
     out = aug(rand_uint8(4, 24, 40), torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in out] == [(4, 3, 32, 32)] * 2
 
 
 def test_output_stays_float32_inside_autocast():
-    aug = BatchAugment(make_cfg(), [ViewSpec(32, (0.08, 1.0), blur_prob=1.0), ViewSpec(96, (0.08, 1.0), blur_prob=1.0)])
+    aug = augmenter(make_cfg(), [S(32, (0.08, 1.0), blur_prob=1.0), S(96, (0.08, 1.0), blur_prob=1.0)])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = aug(rand_uint8(2), torch.Generator().manual_seed(0))
     assert [v.dtype for v in out] == [torch.float32, torch.float32]
@@ -349,14 +360,14 @@ def test_output_stays_float32_inside_autocast():
 
 def test_same_image_gets_different_views_per_row():
     images = rand_uint8(1).expand(16, 32, 32, 3).contiguous()
-    for view in BatchAugment(make_cfg(), BYOL)(images, torch.Generator().manual_seed(0)):
+    for view in augmenter(make_cfg(), BYOL)(images, torch.Generator().manual_seed(0)):
         rows = view.flatten(1)
         distinct = {tuple(r.tolist()) for r in rows}
         assert len(distinct) == 16
 
 
 def test_same_seed_same_output_different_seed_different_output():
-    aug = BatchAugment(make_cfg(), DINO)
+    aug = augmenter(make_cfg(), DINO)
     images = rand_uint8(8)
     a = aug(images, torch.Generator().manual_seed(123))
     b = aug(images, torch.Generator().manual_seed(123))
@@ -366,7 +377,7 @@ def test_same_seed_same_output_different_seed_different_output():
 
 
 def test_generator_state_reproduces_a_step_and_draw_size_is_fixed():
-    aug = BatchAugment(make_cfg(), BYOL)
+    aug = augmenter(make_cfg(), BYOL)
     images = rand_uint8(5)
     g = torch.Generator().manual_seed(7)
     aug(images, g)  # step 0
@@ -384,17 +395,17 @@ def test_generator_state_reproduces_a_step_and_draw_size_is_fixed():
 
 def test_everything_off_reduces_to_eval_view():
     images = rand_uint8(4)
-    views = [ViewSpec(32, (1.0, 1.0))]
-    out = BatchAugment(no_aug_cfg(), views)(images, torch.Generator().manual_seed(0))[0]
+    views = [S(32, (1.0, 1.0))]
+    out = augmenter(no_aug_cfg(), views)(images, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(out, eval_view(images, MEAN, STD), rtol=0, atol=1e-5)
-    flipped = BatchAugment(no_aug_cfg(flip_prob=1.0), views)(images, torch.Generator().manual_seed(0))[0]
+    flipped = augmenter(no_aug_cfg(flip_prob=1.0), views)(images, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(flipped, torch.flip(eval_view(images, MEAN, STD), dims=[-1]), rtol=0, atol=1e-5)
 
 
 def test_probabilities_are_per_image():
     images = rand_uint8(1).expand(400, 32, 32, 3).contiguous()
-    views = [ViewSpec(32, (1.0, 1.0))]
-    out = BatchAugment(no_aug_cfg(flip_prob=0.5), views)(images, torch.Generator().manual_seed(0))[0]
+    views = [S(32, (1.0, 1.0))]
+    out = augmenter(no_aug_cfg(flip_prob=0.5), views)(images, torch.Generator().manual_seed(0))[0]
     ref = eval_view(images[:1], MEAN, STD)
     flipped = (out - torch.flip(ref, dims=[-1])).flatten(1).abs().amax(1) < 1e-5
     kept = (out - ref).flatten(1).abs().amax(1) < 1e-5
@@ -403,7 +414,7 @@ def test_probabilities_are_per_image():
 
 
 def test_grayscale_prob_one_gives_gray_views():
-    aug = BatchAugment(make_cfg(grayscale_prob=1.0), BYOL)
+    aug = augmenter(make_cfg(grayscale_prob=1.0), BYOL)
     std, mean = torch.tensor(STD).view(1, 3, 1, 1), torch.tensor(MEAN).view(1, 3, 1, 1)
     for view in aug(rand_uint8(4), torch.Generator().manual_seed(0)):
         x = view * std + mean
@@ -412,13 +423,13 @@ def test_grayscale_prob_one_gives_gray_views():
 
 
 def test_rejects_bad_inputs():
-    aug = BatchAugment(make_cfg(), SIMCLR)
+    aug = augmenter(make_cfg(), SIMCLR)
     with pytest.raises(TypeError):
         aug(torch.rand(2, 32, 32, 3), torch.Generator())
     with pytest.raises(ValueError):
-        BatchAugment(make_cfg(), [])
+        BatchAugment([], MEAN, STD)
     with pytest.raises(ValueError):
-        BatchAugment(make_cfg(), [ViewSpec(32, (0.0, 1.0))])
+        ViewSpec(32, (0.0, 1.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +464,7 @@ def test_ops_agree_between_cpu_and_cuda():
 
 @cuda
 def test_cuda_pipeline_is_reproducible_and_never_syncs():
-    aug = BatchAugment(make_cfg(), DINO)
+    aug = augmenter(make_cfg(), DINO)
     images = rand_uint8(64).cuda()
     aug(images, torch.Generator("cuda").manual_seed(0))  # warm-up: caches device constants
     torch.cuda.synchronize()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslflow.ssl_models.backbones import build_backbone
+from sslflow.ssl_models.backbones import SSLResNet
 from sslflow.ssl_models.config import AugmentConfig, EvalConfig
 from sslflow.ssl_models.evaluate import (
     EvaluationError,
@@ -96,7 +96,7 @@ def solid_images(n_per_class: int, seed: int, size: int = 16) -> tuple[np.ndarra
 
 def tiny_encoder() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_backbone("resnet18", width=8)
+    return SSLResNet("resnet18", width=8)
 
 
 def make_store(path, images: np.ndarray, names: list[str | None]) -> ImageStore:

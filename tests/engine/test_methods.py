@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from sslflow.ssl_models.backbones import build_backbone
-from sslflow.ssl_models.config import AugmentConfig, PretrainConfig
+from helpers import fast_params
 from sslflow.ssl_models.heads import DINOHead, ProjectionMLP
-from sslflow.ssl_models.methods import METHODS, SSLMethod
+from sslflow.ssl_models.methods import METHODS, Batch, SSLMethod, StepOutput
 from sslflow.ssl_models.methods.byol import BYOL
 from sslflow.ssl_models.methods.dino import DINO
 from sslflow.ssl_models.methods.moco import MoCo
 from sslflow.ssl_models.methods.simclr import SimCLR
+from sslflow.ssl_models.train import build_method, train_context
 
-PARAMS = Path(__file__).resolve().parents[2] / "params" / "pretrain.yaml"
 BATCH, SIZE = 8, 16
 # (target, online) submodule pairs of the momentum networks.
 MOMENTUM_PAIRS = {
@@ -28,34 +25,46 @@ MOMENTUM_PAIRS = {
     "byol": [("target_backbone", "backbone"), ("target_projector", "projector")],
     "dino": [("teacher_backbone", "backbone"), ("teacher_head", "head")],
 }
+COMMON = {f.name for f in dataclasses.fields(type(fast_params().pretrain))}
+AUGMENT = {f.name for f in dataclasses.fields(type(fast_params().augment))}
 
 
-def _raw() -> dict:
-    return yaml.safe_load(PARAMS.read_text())
-
-
-def make_cfg(**overrides) -> PretrainConfig:
-    cfg = PretrainConfig(**_raw()["pretrain"])
-    small = {"batch_size": BATCH, "queue_size": 40, "proj_hidden_dim": 32, "proj_dim": 16,
-             "pred_hidden_dim": 32, "dino_out_dim": 64, "epochs": 10}
-    return dataclasses.replace(cfg, **{**small, **overrides})
-
-
-def make_aug(**overrides) -> AugmentConfig:
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in _raw()["augment"].items()}
-    return dataclasses.replace(AugmentConfig(**raw), **{"local_crops": 2, "local_size": 8, **overrides})
+def settings_for(name: str, **overrides):
+    """Fast settings of method `name`; an override names a field of the method's section, of
+    `pretrain` or of `augment` (in that order)."""
+    method_fields = {f.name for f in dataclasses.fields(METHODS[name].Config)}
+    sets = [f"pretrain.method={name}", f"pretrain.batch_size={BATCH}", "pretrain.epochs=10",
+            f"pretrain.{name}.{'out_dim' if name == 'dino' else 'proj_dim'}={64 if name == 'dino' else 16}"]
+    for key, value in overrides.items():
+        if key == "seed":
+            sets.append(f"seed={value}")
+            continue
+        section = (f"pretrain.{name}" if key in method_fields else "pretrain" if key in COMMON
+                   else "augment" if key in AUGMENT else None)
+        assert section is not None, key
+        sets.append(f"{section}.{key}={value}")
+    if name == "moco" and "queue_size" not in overrides:
+        sets.append("pretrain.moco.queue_size=40")
+    return fast_params(*sets)
 
 
 def make(name: str, seed: int = 0, **overrides) -> SSLMethod:
-    torch.manual_seed(seed)
-    backbone = build_backbone("resnet18", width=8)
-    return METHODS[name](backbone, backbone.feature_dim, make_cfg(**overrides))
+    settings = settings_for(name, seed=seed, **overrides)
+    return build_method(settings, train_context(settings, SIZE), torch.device("cpu"))
 
 
-def make_views(method: SSLMethod, seed: int = 1, aug: AugmentConfig | None = None) -> list[torch.Tensor]:
+def make_batch(method: SSLMethod, seed: int = 1) -> Batch:
+    """Random float views in the shapes of the method's recipe, and random raw images."""
     g = torch.Generator().manual_seed(seed)
-    specs = type(method).views(aug or make_aug(), SIZE)
-    return [torch.randn(BATCH, 3, s.size, s.size, generator=g) for s in specs]
+    views = [torch.randn(BATCH, 3, s.size, s.size, generator=g) for s in method.views()]
+    images = torch.randint(0, 256, (BATCH, SIZE, SIZE, 3), generator=g, dtype=torch.uint8)
+    return Batch(views, images, method.ctx.mean, method.ctx.std)
+
+
+def loss_of(method: SSLMethod, batch: Batch, progress: float) -> torch.Tensor:
+    out = method(batch, progress)
+    assert isinstance(out, StepOutput)
+    return out.loss
 
 
 def is_target(name: str, method_name: str) -> bool:
@@ -82,7 +91,7 @@ def test_registry_names():
 
 def test_forward_backward_gradients(name):
     method = make(name)
-    loss = method(make_views(method), 0.0)
+    loss = loss_of(method, make_batch(method), 0.0)
     assert loss.ndim == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     online_with_grad = 0
@@ -104,7 +113,7 @@ def test_forward_backward_gradients(name):
 def test_forward_under_bf16_autocast(name):
     method = make(name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = method(make_views(method), 0.0)
+        loss = loss_of(method, make_batch(method), 0.0)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in method.backbone.parameters())
@@ -125,7 +134,7 @@ def test_momentum_networks_start_equal_and_frozen(name):
 @pytest.mark.parametrize("progress", [0.0, 0.3, 0.9])
 @pytest.mark.parametrize("method_name", ["moco", "byol", "dino"])
 def test_after_step_moves_momentum_networks_exactly(method_name, progress):
-    method = make(method_name, ema_momentum=0.9)
+    method = make(method_name, momentum=0.9)
     with torch.no_grad():  # make online != target, and the BN statistics too
         for p in method.parameters():
             if p.requires_grad:
@@ -153,7 +162,7 @@ def test_after_step_moves_momentum_networks_exactly(method_name, progress):
 
 def test_byol_dino_tau_schedule():
     for method_name in ("byol", "dino"):
-        method = make(method_name, ema_momentum=0.99)
+        method = make(method_name, momentum=0.99)
         assert method.tau(0.0) == pytest.approx(0.99)
         assert method.tau(0.5) == pytest.approx(0.995)
         assert method.tau(1 - 1e-9) == pytest.approx(1.0, abs=1e-12)
@@ -166,7 +175,7 @@ def test_byol_dino_tau_schedule():
 
 @pytest.mark.parametrize(("queue_size", "n"), [(12, 4), (10, 4), (7, 7), (9, 2)])
 def test_moco_queue_ring_buffer(queue_size, n):
-    method = make("moco", queue_size=queue_size, batch_size=1)
+    method = make("moco", queue_size=queue_size, batch_size=2)
     assert method.queue.shape == (queue_size, 16)
     torch.testing.assert_close(method.queue.norm(dim=1), torch.ones(queue_size))
     pushed = []
@@ -187,14 +196,14 @@ def test_moco_queue_ring_buffer(queue_size, n):
 
 def test_moco_forward_enqueues_both_views_keys():
     method = make("moco", queue_size=20)  # 2 * BATCH = 16 keys per step, 20 not a multiple
-    views = make_views(method)
-    method(views, 0.0)
+    batch = make_batch(method)
+    method(batch, 0.0)
     with torch.no_grad():
         keys = [torch.nn.functional.normalize(
-            method.momentum_projector(method.momentum_backbone(v)), dim=1) for v in views]
+            method.momentum_projector(method.momentum_backbone(v)), dim=1) for v in batch.views]
     torch.testing.assert_close(method.queue[:16], torch.cat(keys))
     assert int(method.queue_ptr) == 16
-    method(views, 0.0)
+    method(batch, 0.0)
     assert int(method.queue_ptr) == 12
     torch.testing.assert_close(torch.cat([method.queue[16:], method.queue[:12]]), torch.cat(keys))
 
@@ -213,10 +222,10 @@ def test_dino_center_update():
     with torch.no_grad():
         method.center.copy_(torch.randn_like(method.center))
     c0 = method.center.clone()
-    views = make_views(method)
+    batch = make_batch(method)
     with torch.no_grad():
-        teacher = method.teacher_head(method.teacher_backbone(torch.cat(views[:2])))
-    method(views, 0.0)
+        teacher = method.teacher_head(method.teacher_backbone(torch.cat(batch.views[:2])))
+    method(batch, 0.0)
     expected = 0.8 * c0 + 0.2 * teacher.mean(dim=0, keepdim=True)
     torch.testing.assert_close(method.center, expected)
     assert method.center.shape == (1, 64)
@@ -236,17 +245,17 @@ def test_dino_teacher_temperature_warmup():
 def test_dino_loss_uses_warmed_up_teacher_temperature():
     kw = {"teacher_temperature_warmup": 0.04, "teacher_temperature": 0.5, "teacher_temperature_warmup_epochs": 5}
     a, b = make("dino", **kw), make("dino", **kw)
-    views = make_views(a)
-    assert not torch.equal(a(views, 0.0), b(views, 0.9))
+    batch = make_batch(a)
+    assert not torch.equal(loss_of(a, batch, 0.0), loss_of(b, batch, 0.9))
 
 
 def test_dino_one_backbone_call_per_resolution():
-    method = make("dino")
+    method = make("dino", local_crops=3, local_size=8)
     calls: list[tuple[int, ...]] = []
     method.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
     teacher_calls: list[tuple[int, ...]] = []
     method.teacher_backbone.register_forward_hook(lambda m, i, o: teacher_calls.append(tuple(i[0].shape)))
-    method(make_views(method, aug=make_aug(local_crops=3, local_size=8)), 0.0)
+    method(make_batch(method), 0.0)
     assert calls == [(2 * BATCH, 3, SIZE, SIZE), (3 * BATCH, 3, 8, 8)]
     assert teacher_calls == [(2 * BATCH, 3, SIZE, SIZE)]
 
@@ -278,24 +287,31 @@ def test_projection_mlp_structure():
 
 
 def test_view_recipes():
-    aug = make_aug(local_crops=6, local_size=12)
+    def recipe(cls, **aug):
+        settings = fast_params(*(f"augment.{k}={v}" for k, v in aug.items()))
+        return cls.view_specs(settings.pretrain.sections[cls.name], train_context(settings, 32)), settings.augment
+
     for cls in (SimCLR, MoCo):
-        views = cls.views(aug, 32)
+        views, aug = recipe(cls)
         assert len(views) == 2 and views[0] == views[1]
         assert views[0].size == 32 and views[0].scale == aug.crop_scale
         assert views[0].solarize_prob == 0.0
-    assert SimCLR.views(aug, 32)[0].blur_prob == 0.0
-    v1, v2 = BYOL.views(aug, 32)
+        assert (views[0].flip_prob, views[0].jitter_prob, views[0].jitter_strength) == (
+            aug.flip_prob, aug.jitter_prob, aug.strength)
+    assert recipe(SimCLR)[0][0].blur_prob == 0.0
+    (v1, v2), aug = recipe(BYOL)
     assert (v1.blur_prob, v1.solarize_prob) == (1.0, 0.0)
     assert (v2.blur_prob, v2.solarize_prob) == (0.1, 0.2)
     assert v1.size == v2.size == 32 and v1.scale == v2.scale == aug.crop_scale
-    dino = DINO.views(aug, 32)
+    dino, aug = recipe(DINO, local_crops=6, local_size=12)
     assert len(dino) == 8
     assert [(v.size, v.scale) for v in dino[:2]] == [(32, aug.crop_scale)] * 2
     assert [(v.blur_prob, v.solarize_prob) for v in dino[:2]] == [(1.0, 0.0), (0.1, 0.2)]
     assert all(v == dino[2] for v in dino[2:])
     assert (dino[2].size, dino[2].scale, dino[2].blur_prob) == (12, aug.local_crop_scale, 0.5)
-    assert len(DINO.views(make_aug(local_crops=0), 32)) == 2
+    assert len(recipe(DINO, local_crops=0)[0]) == 2
+    # the global view size is a setting of its own (0 = the image size)
+    assert recipe(SimCLR, global_size=24)[0][0].size == 24
 
 
 # ------------------------------------------------------------------------------- state
@@ -303,11 +319,11 @@ def test_view_recipes():
 
 def test_state_dict_round_trip_gives_identical_losses(name):
     a = make(name, seed=0)
-    views = make_views(a)
-    a(views, 0.1).backward()
+    views = make_batch(a)
+    loss_of(a, views, 0.1).backward()
     a.after_step(0.1)  # non-trivial queue/pointer/center/BN statistics/EMA weights
     b = make(name, seed=123)
-    assert not torch.equal(a(views, 0.2), b(views, 0.2))
+    assert not torch.equal(loss_of(a, views, 0.2), loss_of(b, views, 0.2))
     b.load_state_dict(a.state_dict())
     keys = a.state_dict().keys()
     if name == "moco":
@@ -315,7 +331,7 @@ def test_state_dict_round_trip_gives_identical_losses(name):
     if name == "dino":
         assert "center" in keys
     for _ in range(2):  # stateful forwards (queue, center, BN statistics) stay in lock-step
-        la, lb = a(views, 0.3), b(views, 0.3)
+        la, lb = loss_of(a, views, 0.3), loss_of(b, views, 0.3)
         assert torch.equal(la, lb)
         a.after_step(0.3)
         b.after_step(0.3)
@@ -325,14 +341,55 @@ def test_state_dict_round_trip_gives_identical_losses(name):
 
 def test_simclr_optimisation_decreases_loss():
     method = make("simclr")
-    views = make_views(method)
+    views = make_batch(method)
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     losses = []
     for step in range(8):
-        loss = method(views, step / 8)
+        loss = loss_of(method, views, step / 8)
         opt.zero_grad()
         loss.backward()
         opt.step()
         method.after_step(step / 8)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+# ------------------------------------------------------------------------------- contract v2
+
+
+def test_every_method_returns_a_loss_and_device_side_metrics(name):
+    method = make(name)
+    out = method(make_batch(method), 0.0)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.metrics, "a method reports at least one indicator (collapse, accuracy, ...)"
+    for key, value in out.metrics.items():
+        assert isinstance(value, torch.Tensor) and value.ndim == 0 and not value.requires_grad, key
+
+
+def test_param_groups_exclude_norms_biases_and_frozen_parameters(name):
+    method = make(name)
+    decay, no_decay = method.param_groups(1e-4)
+    assert decay["weight_decay"] == 1e-4 and decay["lars"] and no_decay["weight_decay"] == 0 and not no_decay["lars"]
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    trainable = {id(p) for p in method.parameters() if p.requires_grad}
+    assert {id(p) for p in decay["params"] + no_decay["params"]} == trainable  # momentum copies are left out
+
+
+def test_dino_freezes_its_last_layer_then_clips_gradients():
+    method = make("dino", freeze_last_layer_epochs=1, clip_grad=0.01)  # 10 epochs: progress 0.1 = 1 epoch
+    loss_of(method, make_batch(method), 0.0).backward()
+    method.after_backward(0.05)  # epoch 0.5: frozen
+    assert all(p.grad is None for p in method.head.last_layer.parameters())
+    norms = [p.grad.norm() for p in method.parameters() if p.grad is not None]
+    assert norms and max(norms) <= 0.01 + 1e-6  # every tensor's gradient clipped
+    method.zero_grad()
+    loss_of(method, make_batch(method), 0.2).backward()
+    method.after_backward(0.2)  # epoch 2: the last layer learns again
+    assert any(p.grad is not None for p in method.head.last_layer.parameters())
+
+
+def test_moco_momentum_schedules():
+    constant = make("moco", momentum=0.99)
+    assert constant.tau(0.0) == constant.tau(0.7) == 0.99
+    cosine = make("moco", momentum=0.99, momentum_schedule="cosine")
+    assert cosine.tau(0.0) == pytest.approx(0.99) and cosine.tau(0.5) == pytest.approx(0.995)

@@ -1,4 +1,4 @@
-"""The image store: format, atomic publishing, folder writer and device batches."""
+"""The image store: format, atomic publishing and device batches."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from helpers import random_images
-from sslflow.ssl_models.store import DeviceBatches, ImageStore, StoreError, open_images, store_from_folder
+from sslflow.ssl_models.store import DeviceBatches, ImageStore, StoreError
 
 
 def test_add_publish_and_read_back(tmp_path):
@@ -48,27 +47,6 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "s" / "store.json").write_text("{not json")
     with pytest.raises(StoreError, match="corrupt"):
         ImageStore.open(tmp_path / "s")
-    with pytest.raises(StoreError, match="does not exist"):
-        open_images(tmp_path / "nope", tmp_path / "cache")
-
-
-def test_folder_writer_labels_and_resizes(tmp_path):
-    root = tmp_path / "imgs"
-    (root / "red").mkdir(parents=True)
-    (root / "blue").mkdir()
-    Image.new("RGB", (16, 16), (255, 0, 0)).save(root / "red" / "a.png")
-    Image.new("RGB", (32, 24), (0, 0, 255)).save(root / "blue" / "b.JPG")
-    Image.new("L", (16, 16), 128).save(root / "loose.png")
-    (root / "notes.txt").write_text("not an image")
-    store = store_from_folder(root, tmp_path / "store")
-    assert store.classes == ["blue", "red"] and list(store.labels()) == [0, -1, 1]
-    images = store.images()
-    assert images.shape == (3, 16, 16, 3)  # mixed sizes: square of the median shorter side
-    assert images[0, 8, 8, 2] > 200 and images[2, 8, 8, 0] == 255 and images[1, 0, 0, 0] == 128
-    assert open_images(root, tmp_path / "cache").root == open_images(root, tmp_path / "cache").root
-    with pytest.raises(StoreError, match="holds no images"):
-        (tmp_path / "empty").mkdir()
-        store_from_folder(tmp_path / "empty", tmp_path / "y")
 
 
 @pytest.mark.parametrize("resident", [True, False])

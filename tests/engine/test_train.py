@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, fast_params
+from helpers import fast_params
 from sslflow.ssl_models.checkpoint import load_encoder
 from sslflow.ssl_models.store import ImageStore
 from sslflow.ssl_models.train import CHECKPOINT, Pretrainer, TrainingDiverged
@@ -73,7 +73,7 @@ def test_resume_after_crash_gives_identical_weights(tmp_path, demo_stores, metho
     with pytest.raises(KeyboardInterrupt):
         Pretrainer(store, params, tmp_path / "crash", callbacks=[Recorder(crash_at_step=7)],
                    progress_bar=False).fit()
-    ckpt = torch.load(tmp_path / "crash" / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(tmp_path / "crash" / CHECKPOINT, weights_only=True)
     assert ckpt["position"] == {"epoch": 1, "batch_in_epoch": 1, "step": 6}
     resumed = Pretrainer(store, params, tmp_path / "crash", resume=True, progress_bar=False).fit()
     _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "crash"))
@@ -86,11 +86,12 @@ def test_resume_after_crash_gives_identical_weights(tmp_path, demo_stores, metho
 def test_kill_9_at_a_random_moment_then_resume_matches_uninterrupted(tmp_path, demo_stores):
     """A real subprocess killed with SIGKILL while training (checkpoint every step)."""
     base = [sys.executable, "-m", "sslflow.cli", "pretrain", "--data", str(demo_stores["train"]), "--no-progress",
-            "--set", "device=cpu", "--set", "pretrain.width=8", "--set", "pretrain.epochs=6",
+            "--set", "device=cpu", "--set", "backbone.resnet.width=8", "--set", "pretrain.epochs=6",
             "--set", "pretrain.batch_size=32", "--set", "pretrain.optimizer=sgd", "--set", "pretrain.lr=0.1",
-            "--set", "pretrain.proj_hidden_dim=64", "--set", "pretrain.proj_dim=32", "--set", "pretrain.method=moco",
-            "--set", "pretrain.queue_size=64", "--set", "pretrain.checkpoint_every=1", "--set", "pretrain.eval_every=0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+            "--set", "pretrain.moco.proj_hidden_dim=64", "--set", "pretrain.moco.proj_dim=32",
+            "--set", "pretrain.method=moco", "--set", "pretrain.moco.queue_size=64",
+            "--set", "pretrain.checkpoint_every=1", "--set", "pretrain.eval_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*base, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True, timeout=300)
 
     run = tmp_path / "killed"
@@ -103,7 +104,7 @@ def test_kill_9_at_a_random_moment_then_resume_matches_uninterrupted(tmp_path, d
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "encoder.pt").exists(), "the run finished before it was killed"
-    step = torch.load(run / CHECKPOINT, weights_only=False)["position"]["step"]
+    step = torch.load(run / CHECKPOINT, weights_only=True)["position"]["step"]
     assert 1 <= step < 30
 
     done = subprocess.run([*base, "--out", str(run), "--resume"], env=env, capture_output=True, text=True, timeout=300)
@@ -118,14 +119,16 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     trainer = Pretrainer(store, params, tmp_path / "run", progress_bar=False)
     forward = trainer.method.forward
 
-    def poisoned(views, progress):
-        loss = forward(views, progress)
-        return loss * float("nan") if trainer.step >= 5 else loss
+    def poisoned(batch, progress):
+        out = forward(batch, progress)
+        if trainer.step >= 5:
+            out.loss = out.loss * float("nan")
+        return out
 
     trainer.method.forward = poisoned
     with pytest.raises(TrainingDiverged, match=r"loss became NaN/inf before step 6 .*last good checkpoint"):
         trainer.fit()
-    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
     assert ckpt["position"]["step"] == 5  # the end of epoch 1; steps 1-5 were finite
     assert all(torch.isfinite(v).all() for v in ckpt["method"].values() if v.is_floating_point())
 
@@ -135,7 +138,7 @@ def test_resume_refuses_changed_params_and_existing_run(tmp_path, demo_stores):
     Pretrainer(store, fast_params("pretrain.epochs=1"), tmp_path / "run", progress_bar=False).fit()
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
         Pretrainer(store, fast_params("pretrain.epochs=1"), tmp_path / "run", progress_bar=False)
-    with pytest.raises(ValueError, match=r"cannot resume: parameters differ .*pretrain.lr: 0.1 -> 0.2"):
+    with pytest.raises(ValueError, match=r"cannot resume: settings differ .*pretrain.lr: 0.1 -> 0.2"):
         Pretrainer(store, fast_params("pretrain.epochs=1", "pretrain.lr=0.2"), tmp_path / "run", resume=True)
     grown = ImageStore.create(tmp_path / "grown", store.height, store.width)
     grown.add(store.images(), [None] * len(store))

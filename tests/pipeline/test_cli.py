@@ -53,7 +53,7 @@ def test_pretrain_accepts_an_image_folder(tmp_path, capsys):
     code, _, err = _run(capsys, "pretrain", "--data", str(folder), "--out", str(tmp_path / "run"), "--no-progress",
                         *FAST_SET, "--set", "pretrain.epochs=1", "--set", "pretrain.eval_every=0")
     assert code == 0, err
-    assert len(ImageStore.open(tmp_path / "run" / "data-cache" / "imgs-store")) == 40
+    assert len(ImageStore.open(tmp_path / "run" / "data-cache" / "imgs-store" / "images")) == 40
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, demo_stores):
@@ -61,7 +61,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, demo_stores
     _one_line_error(capsys, "pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
                     match="does not exist")
     _one_line_error(capsys, "pretrain", "--data", train, "--out", str(tmp_path / "r"), "--set", "pretrain.lrr=1",
-                    match="unknown parameter pretrain.lrr (did you mean pretrain.lr?)")
+                    match="unknown setting pretrain.lrr (did you mean pretrain.lr?)")
     _one_line_error(capsys, "pretrain", "--data", train, "--out", str(tmp_path / "r"), "--set",
                     "pretrain.method=swav9", match="pretrain.method must be one of")
     _one_line_error(capsys, "pretrain", "--data", train, "--out", str(tmp_path / "r"), *FAST_SET,
@@ -97,3 +97,21 @@ def test_help_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     assert "--resume" in capsys.readouterr().out
+
+
+def test_options_are_never_abbreviated(capsys):
+    """`--sourc demo` must not silently become `--source demo` and start the whole job."""
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--sourc", "demo"])
+    assert e.value.code == 2 and "unrecognized arguments: --sourc" in capsys.readouterr().err
+
+
+def test_settings_command_shows_the_resolved_tree(capsys, tmp_path):
+    import yaml
+
+    code, out, _ = _run(capsys, "settings", "--project", str(tmp_path), "--set", "pretrain.lr=0.3")
+    assert code == 0 and yaml.safe_load(out)["pretrain"]["lr"] == 0.3
+    code, out, _ = _run(capsys, "settings", "--flat", "--set", "pretrain.method=moco")
+    assert code == 0 and "pretrain.moco.queue_size=4096" in out.splitlines()
+    code, out, _ = _run(capsys, "settings", "--reference")
+    assert code == 0 and "| `pretrain.moco.queue_size` |" in out

@@ -18,10 +18,10 @@ def _yaml_deployments() -> dict[tuple[str, str], dict]:
     return {(d["entrypoint"], d["name"]): d for d in spec["deployments"]}
 
 
-def test_prefect_yaml_matches_pipeline_params():
-    from sslflow.tasks.pipeline.decisions import load_pipeline_params
+def test_prefect_yaml_matches_the_pipeline_settings():
+    from helpers import fast_params
 
-    pp = load_pipeline_params().pipeline
+    pp = fast_params().pipeline
     deps = _yaml_deployments()
     nightly = deps[("flows/retrain.py:retrain_flow", "nightly")]
     assert nightly["schedules"] == [{"cron": pp.cron, "timezone": pp.timezone}]
@@ -35,17 +35,22 @@ def test_prefect_yaml_matches_pipeline_params():
 def test_prefect_yaml_is_the_set_sslflow_deploy_builds():
     """prefect.yaml and `build_deployments(gpu=True)` (what `sslflow deploy --gpu` applies) agree on
     every deployment: entrypoint, name, pool, parameters, job variables, tags, schedules."""
+    from helpers import fast_params
     from sslflow.flows.deployments import build_deployments
-    from sslflow.tasks.pipeline.decisions import load_pipeline_params
 
+    settings = fast_params()
     built = {}
-    for pool, d in build_deployments(load_pipeline_params().pipeline, gpu=True):
+    for pool, d in build_deployments(settings, gpu=True):
+        assert d.parameters.pop("project") == str(settings.project)  # prefect.yaml: the directory it runs in
         built[(d.entrypoint, d.name)] = {
             "pool": pool, "parameters": d.parameters, "job_variables": d.job_variables or {}, "tags": d.tags,
             "schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone} for s in d.schedules or []]}
+    yaml_deps = _yaml_deployments()
+    for d in yaml_deps.values():
+        assert d["parameters"].pop("project") == "{{ $PWD }}"
     in_yaml = {k: {"pool": d["work_pool"]["name"], "parameters": d.get("parameters") or {},
                    "job_variables": d["work_pool"].get("job_variables") or {}, "tags": d.get("tags") or [],
-                   "schedules": d.get("schedules") or []} for k, d in _yaml_deployments().items()}
+                   "schedules": d.get("schedules") or []} for k, d in yaml_deps.items()}
     assert set(in_yaml) == set(built)
     for key in built:
         assert in_yaml[key] == built[key], key
@@ -96,10 +101,10 @@ def _wait_scheduled(env, name, timeout=30.0) -> dict:
         time.sleep(1)
 
 
-def test_sslflow_deploy_creates_a_scheduled_retrain_run(prefect_api):
-    from sslflow.tasks.pipeline.decisions import load_pipeline_params
+def test_sslflow_deploy_creates_a_scheduled_retrain_run(prefect_api, empty_project):
+    from helpers import fast_params
 
-    pp = load_pipeline_params().pipeline
+    pp = fast_params().pipeline
     out = subprocess.run([sys.executable, "-m", "sslflow.cli", "deploy", "--gpu"], cwd=REPO, env=prefect_api["env"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -115,8 +120,10 @@ def test_sslflow_deploy_creates_a_scheduled_retrain_run(prefect_api):
     for name in GPU_DEPLOYMENTS:
         assert deps[name]["pool"] == pp.gpu_work_pool, (name, deps[name])
         assert deps[name]["job_variables"] == {"env": {"CUDA_VISIBLE_DEVICES": "0"}}, (name, deps[name])
-    assert deps["pretrain/gpu"]["parameters"] == {"host_overrides": ["device=cuda"], "gpu_limit": "gpu"}
+    assert deps["pretrain/gpu"]["parameters"] == {"project": str(empty_project), "host_overrides": ["device=cuda"],
+                                                  "gpu_limit": "gpu"}
     assert deps["tune/gpu"]["parameters"]["overrides"][0] == "device=cuda"
+    assert all(d["parameters"]["project"] == str(empty_project) for d in deps.values())  # the project it ran for
 
 
 def test_prefect_deploy_all_with_prefect_yaml(prefect_api):
@@ -133,5 +140,6 @@ def test_prefect_deploy_all_with_prefect_yaml(prefect_api):
     assert all(d["updated"] >= t0 - 1 for d in deps.values()), deps  # written by this `prefect deploy`
     assert deps["retrain/nightly"]["scheduled"] > 0, deps
     assert str(REPO) in json.dumps(deps["retrain/nightly"]["pull"])
-    assert deps["pretrain/gpu"]["parameters"] == {"host_overrides": ["device=cuda"], "gpu_limit": "gpu"}
+    assert deps["pretrain/gpu"]["parameters"] == {"project": str(REPO), "host_overrides": ["device=cuda"],
+                                                  "gpu_limit": "gpu"}
     assert deps["pretrain/gpu"]["job_variables"] == {"env": {"CUDA_VISIBLE_DEVICES": "0"}}

@@ -2,11 +2,13 @@
 
 The copy gets `git init` + `dvc init` and a tiny `params.yaml` (width 8, 2 epochs, 10 + 5 demo
 images per class at 16 px, CPU), so the whole module takes about 1.5 minutes on 2 cores. The
-stages run `python -m sslflow.cli` in the copy, so the copy's code and `params/` are used.
-Checks: `dvc repro` runs every stage and a second one nothing; metrics and plots render;
-deleting the pretraining outputs and reproducing them gives byte-identical metrics and
-curves; a changed pretraining parameter reruns only pretrain and evaluate; the issue's
-`dvc exp run -S pretrain.temperature=0.2` works and `dvc exp show` lists it.
+stages run `bin/sslflow` in the copy, so the copy's code is used, with the interpreter named by
+SSLFLOW_PYTHON and no virtual environment on the PATH (as with `.venv/bin/dvc repro` and no
+activated venv). Checks: `dvc repro` runs every stage and a second one nothing; the live store
+`data/store` is never touched; metrics and plots render; deleting the pretraining outputs and
+reproducing them gives byte-identical metrics and curves; a changed pretraining setting reruns
+only pretrain and evaluate; `dvc exp run -S pretrain.simclr.temperature=0.2` works and
+`dvc exp show` lists it.
 """
 
 from __future__ import annotations
@@ -24,16 +26,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "validate", "pretrain", "evaluate")
-COPY_DIRS = ("sslflow", "ssl_models", "tasks", "params")
-COPY_FILES = ("pyproject.toml", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore")
+COPY_DIRS = ("sslflow", "ssl_models", "tasks", "flows", "params", "bin")
+COPY_FILES = ("pyproject.toml", "setup.py", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore")
 RESULTS = ("metrics/pretrain.json", "metrics/evaluation.json", "plots/loss.csv", "plots/knn.csv")
 TINY = {
     "seed": 0,
     "device": "cpu",
     "augment": {"local_crops": 2, "local_size": 8},
-    "pretrain": {"width": 8, "epochs": 2, "batch_size": 32, "warmup_epochs": 0, "temperature": 0.5,
-                 "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64, "dino_out_dim": 64,
-                 "queue_size": 128, "log_every": 1, "eval_every": 1},
+    "backbone": {"resnet": {"width": 8}},
+    "pretrain": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0, "log_every": 1, "eval_every": 1,
+                 "simclr": {"temperature": 0.5, "proj_hidden_dim": 64, "proj_dim": 32}},
     "eval": {"knn_k": 5, "linear_epochs": 2, "batch_size": 64},
     "ingest": {"size": 16, "demo_train_per_class": 10, "demo_test_per_class": 5},
 }
@@ -58,12 +60,14 @@ def deep_update(base: dict, overlay: dict) -> dict:
 class Repo:
     def __init__(self, root: Path) -> None:
         self.root = root
-        bin_dir = str(Path(sys.executable).parent)  # `python` and `dvc` of this venv
-        self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                    "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "PYTHONDONTWRITEBYTECODE": "1",
-                    "MLFLOW_DISABLE_TELEMETRY": "true"}
-        self.env.pop("PYTHONPATH", None)
-        self.dvc_bin = shutil.which("dvc", path=self.env["PATH"]) or "dvc"
+        venv_bin = str(Path(sys.executable).parent)
+        path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+        # no venv on the PATH: the stages find the interpreter through bin/sslflow alone
+        self.env = {**os.environ, "PATH": path, "SSLFLOW_PYTHON": sys.executable, "DVC_NO_ANALYTICS": "1",
+                    "GX_ANALYTICS_ENABLED": "false", "PYTHONDONTWRITEBYTECODE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        for var in ("PYTHONPATH", "SSLFLOW_PROJECT", "VIRTUAL_ENV"):
+            self.env.pop(var, None)
+        self.dvc_bin = str(Path(venv_bin) / "dvc") if (Path(venv_bin) / "dvc").exists() else shutil.which("dvc")
 
     def run(self, *args: str, check: bool = True) -> str:
         proc = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=300)
@@ -101,6 +105,9 @@ def repo(tmp_path_factory) -> Repo:
     r.dvc("init", "-q")
     r.git("add", "-A")
     r.git("commit", "-qm", "code and pipeline")
+    live = root / "data" / "store" / "train"  # what `sslflow ingest` / `retrain` grow: not the pipeline's
+    live.mkdir(parents=True)
+    (live / "store.json").write_text("{}")
     r.first_repro = r.dvc("repro")
     r.git("add", "-A")
     r.git("commit", "-qm", "experiment: dvc.lock, metrics, plots")
@@ -114,9 +121,11 @@ def test_repro_runs_every_stage_then_is_a_noop(repo: Repo) -> None:
     assert "up to date" in repo.dvc("status")
     lock = yaml.safe_load((repo.root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
-    # what the stages record: the params each one reads, from both files
-    assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["temperature"] == 0.5
-    assert "pretrain" in lock["stages"]["pretrain"]["params"]["params/pretrain.yaml"]
+    # what the stages record: the keys each one reads
+    pretrain = lock["stages"]["pretrain"]["params"]["params.yaml"]
+    assert pretrain["pretrain"]["simclr"]["temperature"] == 0.5 and pretrain["eval.knn_k"] == 5
+    assert "eval.linear_epochs" not in pretrain  # the linear probe is evaluate's
+    assert (repo.root / "data" / "store" / "train" / "store.json").read_text() == "{}"  # the live store: untouched
 
 
 def test_metrics_and_plots(repo: Repo, tmp_path: Path) -> None:
@@ -156,23 +165,23 @@ def test_changed_pretrain_param_reruns_pretrain_and_evaluate(repo: Repo) -> None
     repo.dvc("checkout", "-q")
     path = repo.root / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params["pretrain"]["temperature"] = 0.3
+    params["pretrain"]["simclr"]["temperature"] = 0.3
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(repo.dvc("status", "--json"))
     assert set(status) == {"pretrain"}, status  # evaluate follows from pretrain's new outputs
     repo.git("checkout", "-q", "--", "params.yaml")
 
-    # the issue's command: `-S` without a file edits params.yaml, which holds pretrain.temperature
-    out = repo.dvc("exp", "run", "-S", "pretrain.temperature=0.2")
+    # `-S` without a file edits params.yaml, which holds pretrain.simclr.temperature
+    out = repo.dvc("exp", "run", "-S", "pretrain.simclr.temperature=0.2")
     assert stages_run(out) == {"pretrain", "evaluate"}, out
     assert "Stage 'ingest' didn't change" in out and "Stage 'validate' didn't change" in out
-    assert yaml.safe_load(path.read_text())["pretrain"]["temperature"] == 0.2
+    assert yaml.safe_load(path.read_text())["pretrain"]["simclr"]["temperature"] == 0.2
     shown = json.loads(repo.dvc("exp", "show", "--json"))
     temperatures = []
     for rev in shown:
         for exp in rev.get("experiments") or []:
             for run in exp.get("revs") or []:
                 params_data = run["data"]["params"]["params.yaml"]["data"]
-                temperatures.append(params_data["pretrain"]["temperature"])
+                temperatures.append(params_data["pretrain"]["simclr"]["temperature"])
                 assert "knn_top1" in run["data"]["metrics"]["metrics/evaluation.json"]["data"]
     assert 0.2 in temperatures, shown

@@ -9,14 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import FAST
+from helpers import FAST, fast_params
 from sslflow.core.errors import UserError
-from sslflow.tasks.pipeline.decisions import (
-    TAG_TRAIN_IMAGES,
-    load_pipeline_params,
-    partition_overrides,
-    retrain_decision,
-)
+from sslflow.tasks.pipeline.decisions import TAG_TRAIN_IMAGES, retrain_decision
 
 DATA = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
         "ingest.workers=1", "versioning.dvc=off", "validate.class_balance_tolerance=1.0"]
@@ -37,16 +32,16 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, prefect_server):
-    """A working directory with a tiny ingested demo store (40 train / 20 test, 16 px) and
+    """A project directory with a tiny ingested demo store (40 train / 20 test, 16 px) and
     its own MLflow database."""
     from sslflow.tasks.data.ingest import ingest
-    from sslflow.tasks.data.ingest import load_params as load_ingest_params
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SSLFLOW_PROJECT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    data_params = load_ingest_params(overrides=DATA)
+    settings = fast_params(*DATA)
     for split in ("train", "test"):
-        ingest("demo", tmp_path / "data" / "store", split, params=data_params, reports_dir=tmp_path / "reports")
+        ingest("demo", tmp_path / "data" / "store", split, settings=settings, reports_dir=tmp_path / "reports")
     return tmp_path
 
 
@@ -81,30 +76,11 @@ def test_retrain_decision_rules():
     assert not retrain_decision(0, None, 0, force=True).train  # nothing to train on
 
 
-def test_pipeline_params_and_override_routing():
-    pp = load_pipeline_params(overrides=["pipeline.min_new_images=7", "pretrain.lr=1"]).pipeline
+def test_pipeline_settings_are_one_section_of_the_tree():
+    pp = fast_params("pipeline.min_new_images=7", "pretrain.lr=1").pipeline
     assert pp.min_new_images == 7 and len(pp.cron.split()) == 5
-    with pytest.raises(UserError, match=r"pipeline\.min_new_imagse"):
-        load_pipeline_params(overrides=["pipeline.min_new_imagse=7"])
-    with pytest.raises(UserError, match=r"missing parameter pipeline\.cron"):
-        load_pipeline_params(params_dir=_params_without("cron"))
-    parts = partition_overrides(["pretrain.lr=1", "ingest.size=8", "tracking.uri=x", "pipeline.force=true"])
-    assert parts == {"engine": ["pretrain.lr=1"], "data": ["ingest.size=8"], "tracking": ["tracking.uri=x"],
-                     "pipeline": ["pipeline.force=true"]}
-
-
-def _params_without(key: str) -> Path:
-    import tempfile
-
-    import yaml
-
-    from sslflow.core.settings import PARAMS_DIR
-
-    raw = yaml.safe_load((PARAMS_DIR / "pipeline.yaml").read_text())
-    del raw["pipeline"][key]
-    d = Path(tempfile.mkdtemp())
-    (d / "pipeline.yaml").write_text(yaml.safe_dump(raw))
-    return d
+    with pytest.raises(ValueError, match=r"pipeline\.min_new_imagse \(did you mean pipeline\.min_new_images\?\)"):
+        fast_params("pipeline.min_new_imagse=7")
 
 
 # ------------------------------------------------------------------------------------ flows
@@ -192,7 +168,7 @@ def test_errors_are_one_line_before_training(project, monkeypatch, capsys):
     with pytest.raises(UserError, match="does not exist: ingest images first"):
         train_flow(store="nowhere", overrides=FLOW_SET, run_name="y")
     code = main(["retrain", "--set", "pipeline.min_new_imagse=3"])
-    assert code == 2 and "unknown parameter pipeline.min_new_imagse" in capsys.readouterr().err
+    assert code == 2 and "unknown setting pipeline.min_new_imagse" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -208,10 +184,10 @@ def test_tune_flow_trains_the_best_configuration(project: Path) -> None:
                     output=str(project / "tuned.yaml"))
     t = out["tune"]
     assert (t["complete"], out["trained"]) == (2, True)
-    best_temperature = t["best_params"]["pretrain.temperature"]
+    best_temperature = t["best_params"]["pretrain.simclr.temperature"]
     client = MlflowClient()
     train_run = client.get_run(out["train"]["mlflow_run_id"])
-    assert float(train_run.data.params["pretrain.temperature"]) == pytest.approx(best_temperature)
+    assert float(train_run.data.params["pretrain.simclr.temperature"]) == pytest.approx(best_temperature)
     assert train_run.data.params["pretrain.epochs"] == "2"  # the full epochs, not the trial budget
     parent = client.get_run(t["mlflow_run_id"])
     assert parent.data.tags["best.train_run_id"] == train_run.info.run_id

@@ -33,14 +33,14 @@ FLOW_SET = [*FAST, *DATA, "pretrain.epochs=2", "eval.knn_k=5", "eval.protocols=[
 
 DEPLOY = """
 import json, sys
+from sslflow.core.settings import load_settings
 from sslflow.flows.deployments import apply_deployments, pretrain_gpu_deployment
-from sslflow.tasks.pipeline.decisions import load_pipeline_params
 
 pool = sys.argv[1]
-pp = load_pipeline_params(overrides=[f"pipeline.gpu_work_pool={pool}", "pipeline.gpu_limit=test-gpu"]).pipeline
+settings = load_settings([], [f"pipeline.gpu_work_pool={pool}", "pipeline.gpu_limit=test-gpu"])
 built = {}
 for name, host_overrides in (("cpu", ["device=cpu"]), ("broken", ["pretrain.methd=simclr"])):
-    p, d = pretrain_gpu_deployment(pp)
+    p, d = pretrain_gpu_deployment(settings)
     built.setdefault("gpu", {"pool": p, "parameters": dict(d.parameters), "job_variables": d.job_variables})
     d.name, d.parameters["host_overrides"] = name, host_overrides
     d.job_variables = {"env": {"CUDA_VISIBLE_DEVICES": ""}}
@@ -162,12 +162,12 @@ def _prepare(root: Path, mlflow_uri: str) -> None:
     """While the server boots: the demo store, and the MLflow database (its migrations take seconds)."""
     from mlflow import MlflowClient
 
+    from sslflow.core.settings import load_settings
     from sslflow.tasks.data.ingest import ingest
-    from sslflow.tasks.data.ingest import load_params as load_ingest_params
 
-    data_params = load_ingest_params(overrides=DATA)
+    settings = load_settings([], DATA)
     for split in ("train", "test"):
-        ingest("demo", root / "data" / "store", split, params=data_params, reports_dir=root / "reports")
+        ingest("demo", root / "data" / "store", split, settings=settings, reports_dir=root / "reports")
     MlflowClient(tracking_uri=mlflow_uri).search_experiments()
 
 
@@ -207,6 +207,7 @@ def stack(tmp_path_factory):
 
 def test_train_flow_pretrains_on_the_gpu_pool(stack):
     gpu = stack.built["gpu"]  # what `sslflow deploy --gpu` creates (deployed tweaked to CPU for this machine)
+    assert gpu["parameters"].pop("project")  # the project `sslflow deploy` ran for
     assert gpu["parameters"] == {"host_overrides": ["device=cuda"], "gpu_limit": "test-gpu"}
     assert gpu["job_variables"] == {"env": {"CUDA_VISIBLE_DEVICES": "0"}} and gpu["pool"] == stack.pool
 
@@ -225,7 +226,7 @@ def test_train_flow_pretrains_on_the_gpu_pool(stack):
         assert not any(n.startswith("pretrain-") for n in parent), parent  # not pretrained here
         link = stack.api_call(f"/task_runs/{child['parent_task_run_id']}")  # stands for the subflow run
         assert link["flow_run_id"] == out["flow_run_id"] and link["state"]["type"] == "COMPLETED", link
-        for step in ("validate", "evaluate", "log", "register", "promote"):
+        for step in ("validate", "evaluate", "log", "register"):
             assert any(n.startswith(f"{step}-") and st == "COMPLETED" for n, st in parent.items()), (step, parent)
 
         # one MLflow run: per-step and per-epoch metrics from the worker, evaluation and registration from here
@@ -251,7 +252,7 @@ def test_a_failed_remote_pretraining_fails_the_train_flow(stack):
         assert out["state"] == "FAILED", out
         err = out["error"]
         assert "RemotePretrainFailed" in err and "'pretrain/broken'" in err and "ended FAILED" in err, err
-        assert "unknown parameter pretrain.methd" in err, err  # the worker's own error, passed on
+        assert "unknown setting pretrain.methd" in err, err  # the worker's own error, passed on
         [child] = stack.children(out["flow_run_id"])
         assert child["state"]["type"] == "FAILED" and child["name"] in err and child["id"] in err, (child, err)
         client = stack.mlflow()
@@ -271,15 +272,15 @@ def test_missing_deployment_is_a_clear_error(stack):
 
 
 # ------------------------------------------------------------------------------------ contract pieces, no server
-def test_pretrain_deployment_param_names_a_deployment():
-    from sslflow.core.errors import UserError
-    from sslflow.tasks.pipeline.decisions import load_pipeline_params
+def test_pretrain_deployment_setting_names_a_deployment():
+    from sslflow.core.settings import load_settings
+    from sslflow.ssl_models.errors import ConfigError
 
-    assert load_pipeline_params().pipeline.pretrain_deployment == ""  # default: pretrain in-process
-    pp = load_pipeline_params(overrides=["pipeline.pretrain_deployment=pretrain/gpu"]).pipeline
+    assert load_settings([]).pipeline.pretrain_deployment == ""  # default: pretrain in-process
+    pp = load_settings([], ["pipeline.pretrain_deployment=pretrain/gpu"]).pipeline
     assert pp.pretrain_deployment == "pretrain/gpu"
-    with pytest.raises(UserError, match="flow/deployment"):
-        load_pipeline_params(overrides=["pipeline.pretrain_deployment=gpu"])
+    with pytest.raises(ConfigError, match="flow/deployment"):
+        load_settings([], ["pipeline.pretrain_deployment=gpu"])
 
 
 def test_a_missing_store_is_pulled_with_dvc_at_the_version_asked_for(tmp_path, monkeypatch, demo_stores):
@@ -288,9 +289,8 @@ def test_a_missing_store_is_pulled_with_dvc_at_the_version_asked_for(tmp_path, m
     from dvc.repo import Repo
 
     from sslflow.core.errors import UserError
-    from sslflow.flows.pretrain import ensure_store
-    from sslflow.tasks.data.versioning import dir_hash
-    from sslflow.tasks.pipeline.decisions import store_data_version
+    from sslflow.tasks.data.availability import ensure_store
+    from sslflow.tasks.data.versioning import dir_hash, store_data_version
 
     root = tmp_path / "checkout"
     store = root / "data" / "store"
@@ -323,7 +323,8 @@ def test_a_missing_store_is_pulled_with_dvc_at_the_version_asked_for(tmp_path, m
 def test_a_run_directory_that_is_not_shared_is_a_clear_error(tmp_path):
     from types import SimpleNamespace
 
-    from sslflow.flows.pretrain import RemotePretrainFailed, read_remote_run
+    from sslflow.core.errors import RemotePretrainFailed
+    from sslflow.flows.remote import read_remote_run
 
     fr = SimpleNamespace(name="calm-otter", id="1234", infrastructure_pid="gpu-7:4242")
     with pytest.raises(RemotePretrainFailed, match=r"'calm-otter' \(1234\) of 'pretrain/gpu' completed on gpu-7:4242 "
@@ -334,7 +335,7 @@ def test_a_run_directory_that_is_not_shared_is_a_clear_error(tmp_path):
 def test_the_remote_side_logs_only_into_a_running_mlflow_run(stack):
     """The train flow owns the run: a finished or unknown run is refused, never reopened."""
     from sslflow.core.errors import UserError
-    from sslflow.flows.pretrain import attach_mlflow_run
+    from sslflow.tasks.tracking.run import attach_mlflow_run
 
     client = stack.mlflow()  # the module's database: already migrated
     run = client.create_run(client.create_experiment("attach"))

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
+from helpers import REPO
 from sslflow.cli import main
 from sslflow.ssl_models.store import ImageStore
 
 
 @pytest.mark.slow
 def test_main_job_ingests_pretrains_and_clearly_learns(tmp_path, capsys):
-    """Default demo profile, exactly as `make demo` runs it (about 3 minutes on 2 cores)."""
-    code = main(["run", "--workdir", str(tmp_path), "--run-name", "demo", "--no-progress"])
+    """The repository's project settings (the CPU demo profile), exactly as `make demo` runs
+    them, in a project directory of its own (about 3 minutes on 2 cores)."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    code = main(["run", "--project", str(tmp_path), "--run-name", "demo", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert len(ImageStore.open(tmp_path / "data" / "store" / "train")) == 2000

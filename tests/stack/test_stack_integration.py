@@ -131,8 +131,8 @@ def _dvc_md5(root: Path) -> str:
 def project(native_stack: Stack, tmp_path_factory) -> Project:
     """git init + dvc init + the S3 remote; the demo train/test splits ingested (dvc add, dvc
     push to S3) and committed."""
+    from sslflow.core.settings import load_settings
     from sslflow.tasks.data.ingest import ingest
-    from sslflow.tasks.data.ingest import load_params as load_ingest_params
 
     root = tmp_path_factory.mktemp("stack-project")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_"))}
@@ -140,14 +140,15 @@ def project(native_stack: Stack, tmp_path_factory) -> Project:
     env.update(GIT_ID, PREFECT_HOME=str(root.parent / "prefect-client"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1", GX_ANALYTICS_ENABLED="false",
                # an outage must surface within seconds here, not after MLflow's default 7 retries
-               MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+               SSLFLOW_PROJECT=str(root))
     proj = Project(root, native_stack, env)
     proj.run("git", "init", "-q", "-b", "main")
     proj.run(str(BIN / "dvc"), "init", "-q")
     _dvc_remote_config(root, native_stack)
-    data_params = load_ingest_params(overrides=DATA)
+    data_params = load_settings([], DATA, project=root)
     for split in ("train", "test"):
-        summary = ingest("demo", root / "data" / "store", split, params=data_params, reports_dir=root / "reports")
+        summary = ingest("demo", root / "data" / "store", split, settings=data_params, reports_dir=root / "reports")
         assert summary.versioning.get("pushed") is True, summary.versioning
         assert summary.versioning.get("remote") == "storage", summary.versioning
     proj.run("git", "add", "-A")
@@ -335,7 +336,8 @@ def test_two_tune_workers_share_one_optuna_study_on_the_stack(first_retrain: Pro
                "--study", "stack", "--store", str(proj.root / "data" / "store"), "--output", str(work / "best.yaml")]
         for o in [*FAST, "eval.knn_k=5", "tune.budget_epochs=1", "tune.pruner=none", "tune.startup_trials=2"]:
             cmd += ["--set", o]
-        workers.append(subprocess.Popen(cmd, cwd=work, env=proj.env, stdout=subprocess.PIPE,
+        workers.append(subprocess.Popen(cmd, cwd=work, env={**proj.env, "SSLFLOW_PROJECT": str(work)},
+                                        stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True))
     try:
         outs = [w.communicate(timeout=300)[0] for w in workers]

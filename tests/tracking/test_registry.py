@@ -9,6 +9,8 @@ import pytest
 
 from helpers import fast_params
 from sslflow.core.errors import UserError
+from sslflow.core.sections import PromotionConfig
+from sslflow.core.settings import load_settings
 from sslflow.tasks.tracking.registry import (
     CHALLENGER,
     CHAMPION,
@@ -20,7 +22,7 @@ from sslflow.tasks.tracking.registry import (
     register_and_promote,
     register_encoder,
 )
-from sslflow.tasks.tracking.track import PromotionConfig, load_tracking_params, tracking_run
+from sslflow.tasks.tracking.run import tracking_run
 
 GATE = PromotionConfig(metric="linear_top1", min_delta=0.5)
 
@@ -35,14 +37,14 @@ def registry(tmp_path_factory, demo_stores):
 
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    params = fast_params("eval.protocols=[knn,linear]", "pretrain.epochs=1")
-    tp = load_tracking_params(overrides=["tracking.model_name=ssl-encoder-test", "tracking.experiment=registry",
-                                         "promotion.min_delta=0.5"])
+    params = tp = fast_params("eval.protocols=[knn,linear]", "pretrain.epochs=1",
+                              "tracking.model_name=ssl-encoder-test", "tracking.experiment=registry",
+                              "promotion.min_delta=0.5")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         pretrain(demo_stores["train"], tmp / "run", params, progress_bar=False)
         report = evaluate(tmp / "run", demo_stores["train"], demo_stores["test"], params)
-        with tracking_run(params, tp.tracking, data_version="v1") as run:
+        with tracking_run(tp, data_version="v1") as run:
             first = register_and_promote(run, tmp / "run", report, tp, test_store=demo_stores["test"])
         client = MlflowClient(tracking_uri=uri)
         source = client.get_model_version(tp.tracking.model_name, first.version).source
@@ -118,7 +120,7 @@ def test_failed_evaluation_registers_but_never_promotes(registry):
     before = _alias(registry, name, CHAMPION)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-        with tracking_run(registry["params"], tp.tracking) as run:
+        with tracking_run(tp) as run:
             d = register_and_promote(run, registry["run_dir"], None, tp)
     assert d.decision == "rejected" and not d.promoted
     assert _alias(registry, name, CHAMPION) == before
@@ -188,8 +190,6 @@ def test_promote_by_hand_and_cli_rollback(registry, monkeypatch, capsys):
     with pytest.raises(UserError, match="already the champion"):
         promote_by_hand(name, v2, client)
 
-    if "promote" not in cli.COMMAND_MODULES:  # until sslflow/cli.py lists it
-        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "promote"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
     assert cli.main(["promote", "--model", name, "--version", v1]) == 0  # roll back
     assert f"{name} version {v1} is now 'champion'" in capsys.readouterr().out
@@ -219,10 +219,10 @@ def test_decide_min_delta_zero_still_needs_strictly_better():
 
 
 def test_missing_promotion_metric_is_a_user_error(registry):
-    tp = load_tracking_params(overrides=["promotion.metric=finetune_top1"])
+    tp = load_settings([], ["promotion.metric=finetune_top1"])
     report = dataclasses.replace(registry["report"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", registry["uri"])
         with pytest.raises(UserError, match="finetune_top1"), \
-                tracking_run(None, tp.tracking, check=False) as run:
+                tracking_run(tp, check=False) as run:
             register_and_promote(run, registry["run_dir"], report, tp)

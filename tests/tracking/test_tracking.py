@@ -9,14 +9,10 @@ import pytest
 
 from helpers import fast_params
 from sslflow.core.errors import UserError
-from sslflow.tasks.tracking.track import (
-    MLflowCallback,
-    check_tracking_server,
-    flat_params,
-    load_tracking_params,
-    resolve_tracking_uri,
-    tracking_run,
-)
+from sslflow.core.settings import load_settings
+from sslflow.ssl_models.errors import ConfigError
+from sslflow.tasks.tracking.backend import check_tracking_server, resolve_tracking_uri
+from sslflow.tasks.tracking.run import MLflowCallback, flat_params, tracking_run
 
 UNREACHABLE = "http://127.0.0.1:9"
 
@@ -24,7 +20,7 @@ UNREACHABLE = "http://127.0.0.1:9"
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory, demo_stores):
     """One tiny pretraining + evaluation, tracked with the callback and `log_training`."""
-    from sslflow.tasks.tracking.track import log_training
+    from sslflow.tasks.tracking.report import log_training
     from sslflow.tasks.training.evaluate import evaluate
     from sslflow.tasks.training.pretrain import pretrain
 
@@ -33,12 +29,11 @@ def tracked(tmp_path_factory, demo_stores):
     gx = tmp / "gx"
     gx.mkdir()
     (gx / "validation.json").write_text('{"success": true}')
-    params = fast_params("eval.protocols=[knn,linear]")
-    tp = load_tracking_params(overrides=["tracking.experiment=test-tracking", "tracking.flush_every=3",
-                                         "tracking.augment_grid_images=4"])
+    params = fast_params("eval.protocols=[knn,linear]", "tracking.experiment=test-tracking", "tracking.flush_every=3",
+                         "tracking.augment_grid_images=4")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        with tracking_run(params, tp.tracking, run_name="tiny", data_version="abc123.dir") as run:
+        with tracking_run(params, run_name="tiny", data_version="abc123.dir") as run:
             result = pretrain(demo_stores["train"], tmp / "run", params, eval_train=demo_stores["train"],
                               eval_test=demo_stores["test"], callbacks=[run.callback()], progress_bar=False)
             report = evaluate(tmp / "run", demo_stores["train"], demo_stores["test"], params)
@@ -56,7 +51,8 @@ def test_params_are_flattened_and_complete(tracked):
     expected = flat_params(tracked["params"])
     assert run.data.params == expected
     assert run.data.params["pretrain.lr"] == "0.1"
-    assert run.data.params["pretrain.width"] == "8"
+    assert run.data.params["backbone.resnet.width"] == "8" and run.data.params["pretrain.simclr.temperature"]
+    assert not any(k.startswith("pretrain.moco.") for k in run.data.params)  # only the active method's section
     assert run.info.status == "FINISHED"
 
 
@@ -128,8 +124,7 @@ def test_failed_body_marks_run_failed(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tp = load_tracking_params()
-    with pytest.raises(RuntimeError, match="boom"), tracking_run(None, tp.tracking) as run:
+    with pytest.raises(RuntimeError, match="boom"), tracking_run(fast_params()) as run:
         raise RuntimeError("boom")
     r = MlflowClient(tracking_uri=uri).get_run(run.run_id)
     assert r.info.status == "FAILED"
@@ -173,10 +168,9 @@ def test_unreachable_server_fails_fast_with_one_line():
 
 def test_unreachable_server_stops_before_training(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", UNREACHABLE)
-    tp = load_tracking_params(overrides=["tracking.preflight_timeout_s=2"])
     entered = False
     t0 = time.perf_counter()
-    with pytest.raises(UserError, match=r"127\.0\.0\.1:9"), tracking_run(fast_params(), tp.tracking):
+    with pytest.raises(UserError, match=r"127\.0\.0\.1:9"), tracking_run(fast_params("tracking.preflight_timeout_s=2")):
         entered = True
     assert not entered and time.perf_counter() - t0 < 5
 
@@ -184,31 +178,27 @@ def test_unreachable_server_stops_before_training(monkeypatch):
 def test_cli_promote_unreachable_is_one_line_exit_2(monkeypatch, capsys):
     from sslflow import cli
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "promote")
-                        if "promote" not in cli.COMMAND_MODULES else cli.COMMAND_MODULES)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", UNREACHABLE)
     assert cli.main(["promote", "--version", "1", "--set", "tracking.preflight_timeout_s=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sslflow promote: error:") and UNREACHABLE in err and "\n" not in err
 
 
-def test_tracking_params(monkeypatch, tmp_path):
+def test_tracking_settings(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tp = load_tracking_params()
-    assert tp.tracking.model_name == "ssl-encoder"
-    assert tp.promotion.metric == "linear_top1"
-    assert resolve_tracking_uri(tp.tracking).startswith("sqlite:///") and \
-        resolve_tracking_uri(tp.tracking).endswith("/mlflow.db")
-    tp = load_tracking_params(overrides=["tracking.uri=http://mlflow:5000", "promotion.min_delta=1",
-                                         "pretrain.lr=3"])  # other sections are ignored
-    assert resolve_tracking_uri(tp.tracking) == "http://mlflow:5000"
-    assert tp.promotion.min_delta == 1.0
+    s = load_settings([], project=tmp_path)
+    assert s.tracking.model_name == "ssl-encoder"
+    assert s.promotion.metric == "linear_top1"
+    assert resolve_tracking_uri(s) == f"sqlite:///{tmp_path / 'mlflow.db'}"  # the project's database
+    s = load_settings([], ["tracking.uri=http://mlflow:5000", "promotion.min_delta=1", "pretrain.lr=3"])
+    assert resolve_tracking_uri(s) == "http://mlflow:5000"
+    assert s.promotion.min_delta == 1.0
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert resolve_tracking_uri(tp.tracking) == "sqlite:///env.db"  # the environment wins
-    with pytest.raises(UserError, match=r"unknown parameter promotion\.min_detla"):
-        load_tracking_params(overrides=["promotion.min_detla=1"])
-    with pytest.raises(UserError, match=r"promotion\.min_delta must be >= 0"):
-        load_tracking_params(overrides=["promotion.min_delta=-1"])
+    assert resolve_tracking_uri(s) == "sqlite:///env.db"  # the environment wins
+    with pytest.raises(ConfigError, match=r"unknown setting promotion\.min_detla \(did you mean promotion\.min_delta"):
+        load_settings([], ["promotion.min_detla=1"])
+    with pytest.raises(ConfigError, match=r"promotion\.min_delta must be >= 0"):
+        load_settings([], ["promotion.min_delta=-1"])
     profile = tmp_path / "p.yaml"
     profile.write_text("tracking: {experiment: nightly}\npretrain: {lr: 1.0}\n")
-    assert load_tracking_params(profile).tracking.experiment == "nightly"
+    assert load_settings(profile).tracking.experiment == "nightly"

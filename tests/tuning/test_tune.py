@@ -16,10 +16,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from helpers import FAST, REPO
-from sslflow.core.errors import UserError
-from sslflow.core.settings import load_params
-from sslflow.tasks.tuning.space import as_overrides, load_tune_params, sample, write_best_params
+from helpers import FAST, fast_params
+from sslflow.core.settings import load_settings
+from sslflow.ssl_models.errors import ConfigError
+from sslflow.tasks.tuning.space import as_overrides, sample, search_space, write_best_params
 
 # one epoch of kNN per trial on the 16 px demo stores; pruning as soon as a baseline exists
 TUNE_FAST = ["tune.pruner=median", "tune.pruner_startup_trials=1", "tune.pruner_warmup_epochs=0",
@@ -29,10 +29,10 @@ TUNE_FAST = ["tune.pruner=median", "tune.pruner_startup_trials=1", "tune.pruner_
 def _tune(store_root: Path, tmp: Path, *extra: str, trials: int, budget: int = 1, study: str = "s"):
     from sslflow.tasks.tuning.study import tune
 
-    return tune(store_root, [], [*FAST, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *TUNE_FAST,
-                                 f"tune.budget_epochs={budget}", *extra],
-                trials=trials, study=study, storage=f"sqlite:///{tmp / 'optuna.db'}", output=tmp / "tuned.yaml",
-                runs_dir=tmp / "runs", log=lambda _: None)
+    settings = fast_params(f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *TUNE_FAST, f"tune.budget_epochs={budget}",
+                           *extra)
+    return tune(store_root, settings, trials=trials, study=study, storage=f"sqlite:///{tmp / 'optuna.db'}",
+                output=tmp / "tuned.yaml", runs_dir=tmp / "runs", log=lambda _: None)
 
 
 def _mlflow_runs(uri: str, parent: str):
@@ -45,56 +45,57 @@ def _mlflow_runs(uri: str, parent: str):
 
 # ------------------------------------------------------------------------------------ space
 @pytest.mark.parametrize("override, message", [
-    ("tune.space.temperature.low=2.0", "low (2.0) must be below high"),
-    ("tune.space.temperature.low=0", "a log range needs low > 0"),
-    ("tune.space.strength.colour=1", "unknown parameter tune.space.strength.colour"),
-    ("tune.space.queue_size.choices=[]", "choices must be a non-empty list"),
-    ("tune.pruner=asha", "tune.pruner must be median, hyperband or none"),
+    ("tune.space.temperature.low=2.0", "tune.space.temperature: low (2) must be below high"),
+    ("tune.space.temperature.low=0", "tune.space.temperature: a log range needs low > 0"),
+    ("tune.space.strength.colour=1", "unknown setting tune.space.strength.colour"),
+    ("tune.space.queue_size.low=1", "tune.space.queue_size: give either choices or low/high"),
+    ("tune.pruner=asha", "tune.pruner must be one of median, hyperband, none"),
     ("tune.grace_period_s=10", "must exceed tune.heartbeat_interval_s"),
-    ("tune.trials=0", "tune.trials must be > 0"),
+    ("tune.trials=0", "tune.trials must be >= 1"),
 ])
-def test_bad_tune_params_are_one_line_errors(override: str, message: str) -> None:
+def test_bad_tune_settings_are_one_line_errors(override: str, message: str) -> None:
     extra = ["tune.heartbeat_interval_s=60"] if "grace" in override else []
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_tune_params(None, [override, *extra])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings([], [override, *extra])
 
 
 def test_a_space_with_everything_disabled_is_an_error() -> None:
     names = ["temperature", "queue_size", "strength", "crop_min_scale"]
-    with pytest.raises(UserError, match="every entry is disabled"):
-        load_tune_params(None, [f"tune.space.{n}.enabled=false" for n in names])
+    with pytest.raises(ConfigError, match="every entry is disabled"):
+        load_settings([], [f"tune.space.{n}.enabled=false" for n in names])
 
 
 def test_sampling_follows_the_method_and_indexed_keys_replace_one_element() -> None:
-    space = load_tune_params(None, ["tune.space.method.enabled=true"]).space
+    space = search_space(load_settings([], ["tune.space.method.enabled=true"]))
     trial = optuna.trial.FixedTrial({"pretrain.method": "byol", "augment.strength": 0.7,
                                      "augment.crop_scale[0]": 0.3})
     values = sample(trial, space, base_method="simclr")
     # BYOL has no temperature and no queue: neither is suggested
     assert values == {"pretrain.method": "byol", "augment.strength": 0.7, "augment.crop_scale[0]": 0.3}
-    moco = sample(optuna.trial.FixedTrial({"pretrain.temperature": 0.1, "pretrain.queue_size": 4096,
+    # the method's own keys: {method} in a search key names the trial's section
+    moco = sample(optuna.trial.FixedTrial({"pretrain.moco.temperature": 0.1, "pretrain.moco.queue_size": 4096,
                                            "augment.strength": 1.0, "augment.crop_scale[0]": 0.2}),
-                  load_tune_params().space, base_method="moco")
-    assert moco["pretrain.queue_size"] == 4096
-    overrides = as_overrides(values, {"augment.crop_scale": [0.08, 1.0]})
-    params = load_params(None, overrides)
+                  search_space(load_settings([])), base_method="moco")
+    assert moco["pretrain.moco.queue_size"] == 4096 and moco["pretrain.moco.temperature"] == 0.1
+    base = load_settings([])
+    params = base.updated(as_overrides(values, base))
     assert params.pretrain.method == "byol" and params.augment.crop_scale == (0.3, 1.0)
 
 
-def test_best_params_update_only_the_tuned_keys_of_a_params_file(tmp_path: Path) -> None:
+def test_best_params_update_only_the_tuned_keys_of_a_settings_file(tmp_path: Path) -> None:
     base = tmp_path / "params.yaml"
-    base.write_text("# the pipeline's experiment\nseed: 0\npretrain:\n  temperature: 0.2   # SimCLR\n  width: 8\n"
-                    "augment:\n  crop_scale: [0.2, 1.0]\n")
-    values = {"pretrain.temperature": 0.35, "augment.crop_scale[0]": 0.25}
-    flat = {"augment.crop_scale": [0.2, 1.0]}
-    write_best_params(base, values, flat, base_file=base, header=["study x"])
+    base.write_text("# the pipeline's experiment\nseed: 0\npretrain:\n  simclr:\n    temperature: 0.2   # SimCLR\n"
+                    "backbone:\n  resnet:\n    width: 8\naugment:\n  crop_scale: [0.2, 1.0]\n")
+    values = {"pretrain.simclr.temperature": 0.35, "augment.crop_scale[0]": 0.25}
+    settings = load_settings(base)
+    write_best_params(base, values, settings, base_file=base, header=["study x"])
     text = base.read_text()
     assert "# the pipeline's experiment" in text and "# SimCLR" in text  # comments kept (DVC's file)
-    assert yaml.safe_load(text) == {"seed": 0, "pretrain": {"temperature": 0.35, "width": 8},
-                                    "augment": {"crop_scale": [0.25, 1.0]}}
-    other = write_best_params(tmp_path / "tuned.yaml", values, flat, base_file=None, header=["study x"])
+    assert yaml.safe_load(text) == {"seed": 0, "pretrain": {"simclr": {"temperature": 0.35}},
+                                    "backbone": {"resnet": {"width": 8}}, "augment": {"crop_scale": [0.25, 1.0]}}
+    other = write_best_params(tmp_path / "tuned.yaml", values, settings, base_file=None, header=["study x"])
     assert other.read_text().startswith("# Best configuration written by `sslflow tune`")
-    assert load_params(other, FAST).pretrain.temperature == 0.35
+    assert load_settings(other, FAST).pretrain.simclr.temperature == 0.35
 
 
 def test_an_unreachable_storage_is_one_line_and_trains_nothing(demo_stores, tmp_path: Path, capsys) -> None:
@@ -112,7 +113,7 @@ def test_an_unreachable_storage_is_one_line_and_trains_nothing(demo_stores, tmp_
 
 def test_holdout_stores_keep_the_train_class_numbering(demo_stores, tmp_path: Path) -> None:
     from sslflow.ssl_models.store import ImageStore
-    from sslflow.tasks.tuning.study import objective_stores
+    from sslflow.tasks.tuning.holdout import objective_stores
 
     train = ImageStore.open(demo_stores["train"])
     bank, queries = objective_stores(train, ImageStore.open(demo_stores["test"]), 0.25, 0, tmp_path)
@@ -133,7 +134,7 @@ def test_online_knn_matches_classes_by_name_not_by_index(demo_stores, tmp_path: 
     reordered.publish([], list(reversed(test.classes)))
     reordered.add(test.images(), [test.classes[i] for i in test.labels()])
     assert reordered.classes != train.classes
-    params = load_params(None, FAST)
+    params = fast_params()
     knn = [Pretrainer(train, params, tmp_path / f"r{i}", eval_stores=(train, t), progress_bar=False).online_knn()
            for i, t in enumerate((test, reordered))]
     assert knn[0] == knn[1]
@@ -148,15 +149,15 @@ def test_tiny_study_logs_nested_runs_and_writes_the_best_params(demo_stores, tmp
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     best = study.best_trial
     assert result.best_value == best.value and result.best_params == best.params
-    assert {t.user_attrs["seed"] for t in study.trials} == {load_params(None, FAST).seed}  # fixed, recorded
-    base = load_params(None, FAST)
+    base = fast_params()
+    assert {t.user_attrs["seed"] for t in study.trials} == {base.seed}  # fixed, recorded
     assert study.trials[0].user_attrs["baseline"] and study.trials[0].params == {  # the current configuration
-        "pretrain.temperature": base.pretrain.temperature, "augment.strength": base.augment.strength,
+        "pretrain.simclr.temperature": base.pretrain.simclr.temperature, "augment.strength": base.augment.strength,
         "augment.crop_scale[0]": base.augment.crop_scale[0]}
     assert all(set(t.intermediate_values) == {1} for t in study.trials)  # each epoch's kNN was reported
 
-    tuned = load_params(result.output, FAST)  # the best params file is a params file
-    assert tuned.pretrain.temperature == pytest.approx(best.params["pretrain.temperature"])
+    tuned = load_settings(result.output, FAST)  # the best configuration is a settings file
+    assert tuned.pretrain.simclr.temperature == pytest.approx(best.params["pretrain.simclr.temperature"])
     assert tuned.augment.crop_scale[0] == pytest.approx(best.params["augment.crop_scale[0]"])
 
     client, trials = _mlflow_runs(result.tracking_uri, result.mlflow_run_id)
@@ -203,7 +204,7 @@ def _start_worker(workdir: Path, store: Path, storage: str, study: str, trials: 
            "--storage", storage, "--study", study, "--store", str(store)]
     for o in [*FAST, "pretrain.checkpoint_every=0", *TUNE_FAST, f"tune.budget_epochs={budget}", "tune.pruner=none"]:
         cmd += ["--set", o]
-    return subprocess.Popen(cmd, cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO), **env},
+    return subprocess.Popen(cmd, cwd=workdir, env={**os.environ, "SSLFLOW_PROJECT": str(workdir), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -223,7 +224,7 @@ def _epochs(checkpoint: Path) -> int:
     import torch
 
     try:
-        return len(torch.load(checkpoint, weights_only=False)["history"]["epochs"])
+        return len(torch.load(checkpoint, weights_only=True)["history"]["epochs"])
     except (FileNotFoundError, EOFError, RuntimeError):
         return 0
 

@@ -1,0 +1,1 @@
+"""The `sslflow` subcommands, one module each (see `sslflow.cli`)."""

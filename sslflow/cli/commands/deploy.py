@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from sslflow.cli.commands.common import add_params_arguments
+from sslflow.cli.commands.common import add_params_arguments, settings_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from sslflow.core.errors import UserError
-    from sslflow.tasks.pipeline.decisions import load_pipeline_params, partition_overrides
 
-    pp = load_pipeline_params(args.params, partition_overrides(args.overrides)["pipeline"]).pipeline
+    settings = settings_from(args)
+    pp = settings.pipeline
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                             "(e.g. http://127.0.0.1:4200/api); a temporary server would forget the deployments")
     from sslflow.flows.deployments import deploy_all
 
-    for name, dep_id in deploy_all(pp, gpu=args.gpu).items():
+    for name, dep_id in deploy_all(settings, gpu=args.gpu).items():
         print(f"deployment {name}: {dep_id}")
     print(f"schedule: retrain/nightly at '{pp.cron}' ({pp.timezone}); start a worker here: "
           f"prefect worker start --pool {pp.work_pool}")

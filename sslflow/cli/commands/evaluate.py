@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sslflow.cli.commands.common import add_params_arguments, params_from
+from sslflow.cli.commands.common import add_params_arguments, settings_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", help="comma-separated subset of knn,linear,finetune "
                                       "(default: eval.protocols in params)")
     p.add_argument("--output", help="JSON report path (default: ENCODER/evaluation.json)")
+    p.add_argument("--metrics", metavar="FILE", help="also write the numbers alone as JSON (dvc metrics)")
     add_params_arguments(p)
     p.set_defaults(func=run)
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from sslflow.core.errors import UserError
     from sslflow.tasks.training.evaluate import evaluate
 
-    params = params_from(args)
+    params = settings_from(args)
     protocols = None
     if args.protocol:
         protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
@@ -33,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--protocol: unknown protocol {unknown[0] if unknown else ''!r} "
                             "(choose from knn, linear, finetune)")
     report = evaluate(args.encoder, args.train, args.test, params, protocols, args.output)
+    if args.metrics:
+        from sslflow.tasks.training.dvc_export import evaluation_metrics
+
+        evaluation_metrics(report, args.metrics)
     for key, value in report.metrics.items():
         print(f"{key:<16} {value:6.2f}")
     for name, description in report.protocols.items():

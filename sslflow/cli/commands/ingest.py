@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from sslflow.cli.commands.common import add_params_arguments
+from sslflow.cli.commands.common import add_params_arguments, settings_from
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train", help="split store under --store (default: train)")
     p.add_argument("--size", type=int, default=None,
                    help="side of stored images for a new store (default: ingest.size; an existing store keeps its own)")
-    p.add_argument("--reports", type=Path, default=Path("reports"), help="reports directory (default: reports)")
+    p.add_argument("--reports", type=Path, default=None, help="reports directory (default: pipeline.reports)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: ingest.workers)")
     p.add_argument("--no-dvc", action="store_true", help="do not dvc add/push even inside a DVC repo")
     p.add_argument("--no-push", action="store_true", help="dvc add, but do not dvc push")
@@ -35,14 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sslflow.core.errors import UserError
-    from sslflow.tasks.data.ingest import ingest, load_params
+    from sslflow.tasks.data.ingest import ingest
 
     if args.size is not None and args.size <= 0:
         raise UserError(f"--size must be > 0; got {args.size}")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0; got {args.workers}")
-    params = load_params(args.params, args.overrides)
-    summary = ingest(args.source, args.store, args.split, args.size, params=params, reports_dir=args.reports,
+    settings = settings_from(args)
+    reports = args.reports or settings.path(settings.pipeline.reports)
+    summary = ingest(args.source, args.store, args.split, args.size, settings=settings,
+                     reports_dir=reports,
                      dvc=False if args.no_dvc else None, push=False if args.no_push else None,
                      workers=args.workers)
     print(json.dumps(summary.to_dict(), indent=1, ensure_ascii=False))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from sslflow.cli.commands.common import add_params_arguments
+from sslflow.cli.commands.common import add_params_arguments, settings_from
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,13 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
+    from sslflow.tasks.tracking.backend import check_tracking_server, resolve_tracking_uri
     from sslflow.tasks.tracking.registry import promote_by_hand
-    from sslflow.tasks.tracking.track import check_tracking_server, load_tracking_params, resolve_tracking_uri
 
-    tp = load_tracking_params(args.params, args.overrides)
-    uri = resolve_tracking_uri(tp.tracking)
-    check_tracking_server(uri, tp.tracking.preflight_timeout_s)
-    name = args.model or tp.tracking.model_name
+    settings = settings_from(args)
+    uri = resolve_tracking_uri(settings)
+    check_tracking_server(uri, settings.tracking.preflight_timeout_s)
+    name = args.model or settings.tracking.model_name
     d = promote_by_hand(name, args.version, MlflowClient(tracking_uri=uri))
     previous = f"; version {d.champion_version} is now 'previous'" if d.champion_version else ""
     print(f"{name} version {d.version} is now 'champion' ({uri}){previous}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from sslflow.cli.commands.common import add_params_arguments
+from sslflow.cli.commands.common import add_params_arguments, settings_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,19 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslflow.tasks.pipeline.decisions import load_pipeline_params, partition_overrides
-    from sslflow.tasks.tracking.track import check_tracking_server, load_tracking_params, resolve_tracking_uri
+    from sslflow.tasks.tracking.backend import check_tracking_server, resolve_tracking_uri
 
-    ov = partition_overrides(args.overrides)
-    load_pipeline_params(args.params, ov["pipeline"])  # bad params: one line, before Prefect starts
-    tp = load_tracking_params(args.params, ov["tracking"])
-    check_tracking_server(resolve_tracking_uri(tp.tracking), tp.tracking.preflight_timeout_s)
+    settings = settings_from(args)  # bad settings: one line, before Prefect starts
+    check_tracking_server(resolve_tracking_uri(settings), settings.tracking.preflight_timeout_s)
 
     from sslflow.flows.retrain import retrain_flow
 
-    state = retrain_flow(incoming=args.incoming, store=args.store, params_file=args.params,
+    state = retrain_flow(incoming=args.incoming, store=args.store, params_files=args.params,
                          overrides=list(args.overrides), force=args.force, min_new_images=args.min_new_images,
-                         run_name=args.run_name, return_state=True)
+                         run_name=args.run_name, project=str(settings.project), return_state=True)
     result = state.result()
     if not result.get("trained"):
         print(f"retrain: {state.name}: {result['reason']}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from sslflow.cli.commands.common import add_params_arguments
+from sslflow.cli.commands.common import add_params_arguments, settings_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", help="study name (default: tune.study)")
     p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
     p.add_argument("--store", help="image store with train/ and test/ (default: pipeline.store, data/store)")
-    p.add_argument("--output", help="params file for the best configuration (default: tune.output); "
-                   "the --params file itself updates only the tuned keys (e.g. params.yaml for dvc repro)")
+    p.add_argument("--output", help="settings file for the best configuration (default: tune.output); "
+                   "naming the base file itself (e.g. params.yaml for dvc repro) updates only the tuned keys")
     p.add_argument("--no-train", action="store_true",
                    help="search only (no Prefect flow, no training of the best): extra workers use this")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -35,29 +35,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslflow.tasks.pipeline.decisions import load_pipeline_params, partition_overrides
-    from sslflow.tasks.tracking.track import check_tracking_server, load_tracking_params, resolve_tracking_uri
-    from sslflow.tasks.tuning.space import load_tune_params
+    from sslflow.core.project import PARAMS_FILE
+    from sslflow.tasks.tracking.backend import check_tracking_server, resolve_tracking_uri
 
-    ov = partition_overrides([o for o in args.overrides if not o.startswith("tune.")])
-    load_tune_params(args.params, [o for o in args.overrides if o.startswith("tune.")])  # one line, early
-    pp = load_pipeline_params(args.params, ov["pipeline"]).pipeline
-    tp = load_tracking_params(args.params, ov["tracking"])
-    check_tracking_server(resolve_tracking_uri(tp.tracking), tp.tracking.preflight_timeout_s)
-    files = [args.params] if args.params else []
+    settings = settings_from(args)  # bad settings: one line, before anything runs
+    check_tracking_server(resolve_tracking_uri(settings), settings.tracking.preflight_timeout_s)
     options = dict(trials=args.trials, study=args.study, storage=args.storage, timeout_s=args.timeout,
                    output=args.output)
     if args.no_train:
         from sslflow.tasks.tuning.study import tune
 
-        result = tune(args.store or pp.store, files, list(args.overrides), progress_bar=not args.no_progress,
-                      **options)
+        base_file = args.params[-1] if args.params else settings.project / PARAMS_FILE
+        result = tune(settings.path(args.store or settings.pipeline.store), settings, base_file=base_file,
+                      progress_bar=not args.no_progress, **options)
         _print(result.to_dict())
         return 0
 
     from sslflow.flows.tune import tune_flow
 
-    summary = tune_flow(params_files=files, overrides=list(args.overrides), store=args.store, **options)
+    summary = tune_flow(params_files=args.params, overrides=list(args.overrides), store=args.store,
+                        project=str(settings.project), **options)
     _print(summary["tune"])
     if summary["trained"]:
         t = summary["train"]

@@ -1,44 +1,39 @@
 """`sslflow ui`: the MLflow UI on the local tracking database (what `sslflow run` wrote).
 
-The backend is `MLFLOW_TRACKING_URI`, else `tracking.uri`, else `<workdir>/mlflow.db` with
-artifacts in `<workdir>/mlartifacts`. Stop it with Ctrl-C.
+The backend is `MLFLOW_TRACKING_URI`, else `tracking.uri`, else the project's `mlflow.db` with
+artifacts in its `mlartifacts/`. Stop it with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-from sslflow.cli.commands.common import add_params_arguments
+from sslflow.cli.commands.common import add_params_arguments, settings_from
 from sslflow.core.env import child_env
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on the local tracking database", description=__doc__)
-    p.add_argument("--workdir", default=".", help="project directory holding mlflow.db (default: .)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     add_params_arguments(p)
+    p.add_argument("--workdir", dest="project", help=argparse.SUPPRESS)  # the name before --project
     p.set_defaults(func=run)
 
 
 def command(args: argparse.Namespace) -> list[str]:
     from sslflow.core.errors import UserError
-    from sslflow.tasks.tracking.track import _sqlite_path, artifact_location, load_tracking_params
+    from sslflow.tasks.tracking.backend import artifact_location, resolve_tracking_uri, sqlite_path
 
-    uri = (os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-           or load_tracking_params(args.params, args.overrides).tracking.uri)
-    if not uri:
-        uri = f"sqlite:///{(Path(args.workdir) / 'mlflow.db').resolve()}"
+    uri = resolve_tracking_uri(settings_from(args))
     if uri.startswith(("http://", "https://")):
         raise UserError(f"the tracking URI {uri} is a server: open it in a browser")
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.is_file():
-        raise UserError(f"no MLflow database at {db}: run `sslflow run` first (or pass --workdir)")
+        raise UserError(f"no MLflow database at {db}: run `sslflow run` first (or pass --project)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     artifacts = artifact_location(uri)

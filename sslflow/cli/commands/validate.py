@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sslflow.cli.commands.common import add_params_arguments
+from sslflow.cli.commands.common import add_params_arguments, settings_from
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, type=Path, help="store root, e.g. data/store")
     p.add_argument("--split", default="train", help="split store under --store (default: train)")
-    p.add_argument("--reports", type=Path, default=Path("reports"), help="reports directory (default: reports)")
+    p.add_argument("--reports", type=Path, default=None, help="reports directory (default: pipeline.reports)")
     add_params_arguments(p)
     p.set_defaults(func=run)
 
@@ -26,16 +26,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sslflow.ssl_models.store import ImageStore
     from sslflow.tasks.data.decode import DecodeOptions
-    from sslflow.tasks.data.ingest import load_params
     from sslflow.tasks.data.validate import ValidationFailed, validate_split
 
-    params = load_params(args.params, args.overrides)
+    params = settings_from(args)
     c = params.ingest
     split_dir = args.store / args.split
     store = ImageStore.open(split_dir)
     classes = list(c.classes) or (None if params.validate.allow_new_classes else store.classes)
     result = validate_split(split_dir, limits=DecodeOptions(c.size, c.min_side, c.max_pixels, c.max_file_bytes),
-                            cfg=params.validate, classes=classes, reports_dir=args.reports)
+                            cfg=params.validate, classes=classes,
+                            reports_dir=args.reports or params.path(params.pipeline.reports))
     if not result.success:
         raise ValidationFailed(result, prefix=f"{split_dir}: ")
     print(json.dumps(result.to_dict(), indent=1))
