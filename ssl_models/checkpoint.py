@@ -115,8 +115,8 @@ def encoder_metadata(backbone: Backbone, mean, std) -> dict[str, Any]:
     return {**backbone.metadata(), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
-def save_encoder(backbone: Backbone, run_dir: Path, mean, std) -> dict[str, Path]:
-    """Write the backbone twice: a state dict with metadata (`encoder.pt`) and a
+def save_encoder(backbone: Backbone, run_dir: Path, mean, std, *, export: bool = True) -> dict[str, Path]:
+    """Write the backbone twice: a state dict with metadata (`encoder.pt`) and, with `export`, a
     `torch.export` program (`encoder.pt2`) that loads with plain PyTorch::
 
         encoder = torch.export.load("encoder.pt2").module()
@@ -126,6 +126,8 @@ def save_encoder(backbone: Backbone, run_dir: Path, mean, std) -> dict[str, Path
     meta = encoder_metadata(backbone, mean, std)
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     atomic_save({"meta": meta, "state_dict": state}, run_dir / ENCODER_FILE)
+    if not export:
+        return {"state_dict": run_dir / ENCODER_FILE}
     cpu = backbone_from_metadata(meta)
     cpu.load_state_dict(state)
     cpu.eval()

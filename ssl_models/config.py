@@ -133,6 +133,8 @@ class PretrainConfig(RegistrySectionsMixin):
     weight_decay: float = setting(1.0e-5, domain=NON_NEGATIVE, doc="on weights only, never on norms and biases")
     warmup_epochs: float = setting(10.0, domain=NON_NEGATIVE, doc="linear warm-up, then cosine decay to 0")
     compile: bool = setting(True, resumable=True, doc="torch.compile the backbones on CUDA (ignored on CPU)")
+    export: bool = setting(True, resumable=True, doc="also write encoder.pt2 (torch.export) at the end; "
+                           "tuning trials and tests skip it")
     checkpoint_every: int = setting(500, domain=NON_NEGATIVE, resumable=True,
                                     doc="steps between checkpoints; 0 = only at epoch end")
     log_every: int = setting(50, domain=Range(1, 1 << 30), resumable=True,

@@ -485,7 +485,8 @@ class Pretrainer:
         if self.history.epochs and self.history.epochs[0]["epoch"] == 0:
             metrics["knn_top1_at_init"] = self.history.epochs[0]["knn_top1"]
         if self.is_main:
-            save_encoder(self.method.encoder(), self.run_dir, self.params.augment.mean, self.params.augment.std)
+            save_encoder(self.method.encoder(), self.run_dir, self.params.augment.mean, self.params.augment.std,
+                         export=self.cfg.export)
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
             (self.run_dir / "history.json").write_text(json.dumps(asdict(self.history), indent=1))
         distributed.barrier()

@@ -73,6 +73,21 @@ def fast_params(*overrides: str):
     return load_settings([], fast_overrides(*overrides))
 
 
+def demo_profile(method: str) -> Path | None:
+    """`params/profiles/demo-<method>.yaml`: what a method needs besides the defaults (its backbone,
+    optimizer, view sizes), the recipe its demo benchmark runs."""
+    path = REPO / "params" / "profiles" / f"demo-{method}.yaml"
+    return path if path.is_file() else None
+
+
+def method_params(method: str, *overrides: str):
+    """Fast settings for `method`: its demo profile (if any), then FAST and `overrides`."""
+    from sslflow.core.settings import load_settings
+
+    profile = demo_profile(method)
+    return load_settings([profile] if profile else [], [*FAST, f"pretrain.method={method}", *overrides])
+
+
 def random_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 

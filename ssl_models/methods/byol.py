@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from sslflow.ssl_models.heads import ProjectionMLP, cosine_momentum, ema_update_, momentum_copy
-from sslflow.ssl_models.losses import byol_loss
+from sslflow.ssl_models.losses.distillation import byol_loss
 from sslflow.ssl_models.methods import register_method
 from sslflow.ssl_models.methods.base import Batch, SSLMethod, StepOutput, TrainContext, embedding_std
 from sslflow.ssl_models.schema import UNIT_OPEN_TOP, Range, setting

@@ -10,7 +10,7 @@ import torch
 from sslflow.ssl_models import distributed
 from sslflow.ssl_models.errors import ConfigError
 from sslflow.ssl_models.heads import DINOHead, cosine_momentum, ema_update_, momentum_copy
-from sslflow.ssl_models.losses import dino_loss
+from sslflow.ssl_models.losses.distillation import dino_loss
 from sslflow.ssl_models.methods import register_method
 from sslflow.ssl_models.methods.base import Batch, SSLMethod, StepOutput, TrainContext
 from sslflow.ssl_models.schema import NON_NEGATIVE, POSITIVE, UNIT_OPEN_TOP, Range, setting

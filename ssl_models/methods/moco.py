@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sslflow.ssl_models import distributed
 from sslflow.ssl_models.errors import ConfigError
 from sslflow.ssl_models.heads import ProjectionMLP, cosine_momentum, ema_update_, momentum_copy
-from sslflow.ssl_models.losses import info_nce_loss
+from sslflow.ssl_models.losses.contrastive import info_nce_loss
 from sslflow.ssl_models.methods import register_method
 from sslflow.ssl_models.methods.base import Batch, SSLMethod, StepOutput, TrainContext, embedding_std
 from sslflow.ssl_models.schema import POSITIVE, UNIT_OPEN_TOP, Choices, Range, setting

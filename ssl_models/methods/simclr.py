@@ -9,7 +9,7 @@ import torch
 
 from sslflow.ssl_models import distributed
 from sslflow.ssl_models.heads import ProjectionMLP
-from sslflow.ssl_models.losses import nt_xent_loss
+from sslflow.ssl_models.losses.contrastive import nt_xent_loss
 from sslflow.ssl_models.methods import register_method
 from sslflow.ssl_models.methods.base import Batch, SSLMethod, StepOutput, TrainContext, embedding_std
 from sslflow.ssl_models.schema import POSITIVE, Range, setting

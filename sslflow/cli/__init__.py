@@ -3,7 +3,8 @@
 Each subcommand lives in `sslflow/cli/commands/<name>.py` and exposes `register(subparsers)`,
 which adds its parser and sets `func(args) -> int`. Errors a user can fix (bad settings,
 missing paths, unusable data, a run directory that cannot be used as asked) print one line
-and exit with code 2, without a traceback; a diverged training or a failed remote run exits 1.
+and exit with code 2, without a traceback; a service that is down (MLflow, its artifact store,
+Optuna's database, Prefect) one line and exit 3; a diverged training or a failed remote run 1.
 Options are never abbreviated: `--sourc` is an error, not `--source`.
 """
 
@@ -14,7 +15,7 @@ import importlib
 import sys
 
 from sslflow import __version__
-from sslflow.core.errors import RemotePretrainFailed, UserError
+from sslflow.core.errors import RemotePretrainFailed, ServiceUnavailable, UserError
 
 COMMAND_MODULES = ("run", "ingest", "validate", "pretrain", "evaluate", "tune", "promote", "retrain", "deploy", "ui",
                    "settings")
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ServiceUnavailable as e:
+        print(f"sslflow {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except user_errors() as e:
         print(f"sslflow {args.command}: error: {e}", file=sys.stderr)
         return 2

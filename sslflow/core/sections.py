@@ -171,6 +171,8 @@ class SearchDimConfig:
 
 
 def _default_space() -> types.MappingProxyType:
+    from sslflow.ssl_models.methods import METHODS
+
     dims = {
         "temperature": SearchDimConfig("pretrain.{method}.temperature", 0.05, 1.0, log=True,
                                        methods=("simclr", "moco", "dino")),
@@ -179,7 +181,7 @@ def _default_space() -> types.MappingProxyType:
         "strength": SearchDimConfig("augment.strength", 0.25, 1.5),
         "crop_min_scale": SearchDimConfig("augment.crop_scale[0]", 0.08, 0.5),
         "lr": SearchDimConfig("pretrain.lr", 0.05, 2.0, log=True, enabled=False),
-        "method": SearchDimConfig("pretrain.method", choices=("simclr", "moco", "byol", "dino"), enabled=False),
+        "method": SearchDimConfig("pretrain.method", choices=tuple(sorted(METHODS)), enabled=False),
     }
     return types.MappingProxyType(dims)
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sslflow.core.errors import UserError
+from sslflow.core.errors import ServiceUnavailable, UserError
 from sslflow.core.project import default_tracking_uri
 from sslflow.core.settings import Settings
 
@@ -73,13 +73,13 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
             status = e.code
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}); "
+            raise ServiceUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); "
                             "start it or set MLFLOW_TRACKING_URI / tracking.uri") from None
         if status in (401, 403):
             raise UserError(f"MLflow tracking server {uri} refused the credentials (HTTP {status}); "
                             "set MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN")
         if status >= 500:
-            raise UserError(f"MLflow tracking server {uri} is not healthy (HTTP {status})")
+            raise ServiceUnavailable(f"MLflow tracking server {uri} is not healthy (HTTP {status})")
         return
     db = sqlite_path(uri)
     if db is not None:
@@ -97,7 +97,7 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"MLflow tracking URI {uri} is unusable: {msg}") from None
+        raise ServiceUnavailable(f"MLflow tracking URI {uri} is unusable: {msg}") from None
 
 
 # ------------------------------------------------------------------------------------ artifact store outages
@@ -126,8 +126,8 @@ def _server_answers(uri: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def artifact_store_error(uri: str, error: BaseException, what: str) -> UserError | None:
-    """A one-line `UserError` when `error` is a failed artifact transfer, else None (anything
+def artifact_store_error(uri: str, error: BaseException, what: str) -> ServiceUnavailable | None:
+    """A one-line `ServiceUnavailable` when `error` is a failed artifact transfer, else None (anything
     else is a bug or another outage and keeps its traceback).
 
     With proxied artifacts (`mlflow server --artifacts-destination s3://...`) the client talks
@@ -155,7 +155,7 @@ def artifact_store_error(uri: str, error: BaseException, what: str) -> UserError
         where = f"the MLflow server {uri} could not reach its artifact store"
     else:
         where = f"the MLflow server {uri} stopped answering"
-    return UserError(f"{what} failed: {where}{down}. The run is marked FAILED; registered versions, "
+    return ServiceUnavailable(f"{what} failed: {where}{down}. The run is marked FAILED; registered versions, "
                      "aliases and the data store are unchanged: rerun when the service is back")
 
 

@@ -74,7 +74,7 @@ class Objective:
         cfg = self.settings.tune
         self.trials_here.append(trial.number)
         values = sample(trial, self.space, self.settings.pretrain.method)
-        fixed = [f"pretrain.epochs={cfg.budget_epochs}", "pretrain.eval_every=1"]
+        fixed = [f"pretrain.epochs={cfg.budget_epochs}", "pretrain.eval_every=1", "pretrain.export=false"]
         try:
             params = self.settings.updated([*as_overrides(values, self.settings), *fixed])
         except (UserError, ConfigError) as e:

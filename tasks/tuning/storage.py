@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sslflow.core.errors import UserError
+from sslflow.core.errors import ServiceUnavailable, UserError
 from sslflow.core.project import default_optuna_storage
 
 STORAGE_ENV = "SSLFLOW_TUNE_STORAGE"
@@ -61,7 +61,7 @@ def open_storage(url: str, cfg: Any, attempts: int = 4) -> Any:
         except Exception as e:  # sqlalchemy errors: server down, wrong password, no database, creation race
             if attempt == attempts:
                 kind = "unusable" if isinstance(e, optuna.exceptions.StorageInternalError) else "unreachable"
-                raise UserError(f"Optuna storage {storage_label(url)} is {kind}: {first_line(e)}") from None
+                raise ServiceUnavailable(f"Optuna storage {storage_label(url)} is {kind}: {first_line(e)}") from None
             time.sleep(0.5 * attempt + random.random())
     raise AssertionError("unreachable")
 

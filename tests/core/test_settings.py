@@ -25,6 +25,8 @@ def test_defaults_load_and_every_profile_is_valid(tmp_path):
         load_settings(profile)
     demo = load_settings(REPO / "params.yaml")  # the repository's project settings: the CPU demo
     assert demo.device == "cpu" and demo.backbone.resnet.width == 8
+    # the quickstart runs exactly the SimCLR demo profile (the README's figures are its figures)
+    assert demo.flat() == load_settings(REPO / "params" / "profiles" / "demo-simclr.yaml").flat()
 
 
 def test_the_project_params_yaml_applies_unless_files_are_named(tmp_path, monkeypatch):
@@ -181,3 +183,17 @@ def test_the_settings_reference_is_generated_and_current():
 
     doc = REPO / "docs" / "settings.md"
     assert doc.read_text() == reference_markdown(), "regenerate: sslflow settings --reference > docs/settings.md"
+
+
+def test_every_method_is_selectable_by_name_everywhere():
+    """Settings, `dvc exp run -S pretrain.method=...`, the flows' overrides and Optuna's method
+    entry all go through the same registry: a registered method is a valid name in each."""
+    from helpers import REPO
+
+    space = load_settings([]).tune.space["method"]
+    assert set(space.choices) == set(METHODS)
+    for name in METHODS:
+        assert load_settings([], [f"pretrain.method={name}"]).pretrain.method == name
+        profile = REPO / "params" / "profiles" / f"demo-{name}.yaml"
+        assert profile.is_file(), f"{name} has no demo profile"
+        assert load_settings(profile).pretrain.method == name

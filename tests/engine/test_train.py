@@ -1,14 +1,9 @@
-"""The training loop: it learns, resumes exactly (also after kill -9) and stops on NaN."""
+"""The training loop: outputs, metrics, refusal to resume with other settings, NaN. Every method's
+learning and bit-exact resume (also after kill -9): tests/engine/test_every_method.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -62,55 +57,6 @@ def test_pretrain_writes_outputs_and_reports_metrics(tmp_path, demo_stores):
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(exported(x), model.eval()(x))
     assert meta["feature_dim"] == 64 and meta["image_size"] == 16
-
-
-@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "dino"])
-def test_resume_after_crash_gives_identical_weights(tmp_path, demo_stores, method):
-    """Crash mid-epoch (step 7 of 10), resume from the step-6 checkpoint: same weights."""
-    store = ImageStore.open(demo_stores["train"])
-    params = fast_params(f"pretrain.method={method}", "pretrain.checkpoint_every=3", "pretrain.eval_every=0")
-    full = Pretrainer(store, params, tmp_path / "full", progress_bar=False).fit()
-    with pytest.raises(KeyboardInterrupt):
-        Pretrainer(store, params, tmp_path / "crash", callbacks=[Recorder(crash_at_step=7)],
-                   progress_bar=False).fit()
-    ckpt = torch.load(tmp_path / "crash" / CHECKPOINT, weights_only=True)
-    assert ckpt["position"] == {"epoch": 1, "batch_in_epoch": 1, "step": 6}
-    resumed = Pretrainer(store, params, tmp_path / "crash", resume=True, progress_bar=False).fit()
-    _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "crash"))
-    # the method's own state too: queues, EMA targets, centres
-    for (k, a), b in zip(full.method.state_dict().items(), resumed.method.state_dict().values(), strict=True):
-        assert torch.equal(a, b), k
-    assert resumed.history.epochs == full.history.epochs
-
-
-def test_kill_9_at_a_random_moment_then_resume_matches_uninterrupted(tmp_path, demo_stores):
-    """A real subprocess killed with SIGKILL while training (checkpoint every step)."""
-    base = [sys.executable, "-m", "sslflow.cli", "pretrain", "--data", str(demo_stores["train"]), "--no-progress",
-            "--set", "device=cpu", "--set", "backbone.resnet.width=8", "--set", "pretrain.epochs=6",
-            "--set", "pretrain.batch_size=32", "--set", "pretrain.optimizer=sgd", "--set", "pretrain.lr=0.1",
-            "--set", "pretrain.moco.proj_hidden_dim=64", "--set", "pretrain.moco.proj_dim=32",
-            "--set", "pretrain.method=moco", "--set", "pretrain.moco.queue_size=64",
-            "--set", "pretrain.checkpoint_every=1", "--set", "pretrain.eval_every=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*base, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True, timeout=300)
-
-    run = tmp_path / "killed"
-    proc = subprocess.Popen([*base, "--out", str(run)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (run / CHECKPOINT).exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "encoder.pt").exists(), "the run finished before it was killed"
-    step = torch.load(run / CHECKPOINT, weights_only=True)["position"]["step"]
-    assert 1 <= step < 30
-
-    done = subprocess.run([*base, "--out", str(run), "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    _assert_same_weights(_weights(tmp_path / "full"), _weights(run))
-    assert not list((run / "checkpoints").glob(".*.tmp"))
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, demo_stores):

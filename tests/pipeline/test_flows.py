@@ -159,7 +159,7 @@ def test_errors_are_one_line_before_training(project, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     code = main(["retrain", "--force", *[a for s in FLOW_SET for a in ("--set", s)]])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "http://127.0.0.1:9" in err and len(err.splitlines()) == 1, err
+    assert code == 3 and "http://127.0.0.1:9" in err and len(err.splitlines()) == 1, err
     with pytest.raises(UserError, match=r"127\.0\.0\.1:9"):
         train_flow(store="data/store", overrides=FLOW_SET, run_name="x")
     assert not (project / "runs" / "x").exists()

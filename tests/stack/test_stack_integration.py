@@ -271,7 +271,7 @@ def _check_outage(proj: Project, returncode: int, stdout: str, stderr: str, stor
     st = proj.stack
     s3_url = f"http://{st.config['STACK_HOST']}:{st.config['S3_PORT']}"
     last = stderr.strip().splitlines()[-1]
-    assert returncode == 2, stdout[-2000:] + stderr[-4000:]
+    assert returncode == 3, stdout[-2000:] + stderr[-4000:]  # a service is down: exit 3
     assert last.startswith("sslflow retrain: error: logging "), last
     assert proj.env["MLFLOW_TRACKING_URI"] in last and "artifact store" in last and s3_url in last, last
 

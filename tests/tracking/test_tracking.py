@@ -175,11 +175,11 @@ def test_unreachable_server_stops_before_training(monkeypatch):
     assert not entered and time.perf_counter() - t0 < 5
 
 
-def test_cli_promote_unreachable_is_one_line_exit_2(monkeypatch, capsys):
+def test_cli_promote_unreachable_is_one_line_exit_3(monkeypatch, capsys):
     from sslflow import cli
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", UNREACHABLE)
-    assert cli.main(["promote", "--version", "1", "--set", "tracking.preflight_timeout_s=2"]) == 2
+    assert cli.main(["promote", "--version", "1", "--set", "tracking.preflight_timeout_s=2"]) == 3
     err = capsys.readouterr().err.strip()
     assert err.startswith("sslflow promote: error:") and UNREACHABLE in err and "\n" not in err
 

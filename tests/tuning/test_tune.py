@@ -104,7 +104,7 @@ def test_an_unreachable_storage_is_one_line_and_trains_nothing(demo_stores, tmp_
     args = ["tune", "--no-train", "--store", str(demo_stores["train"].parent), "--storage",
             "postgresql+psycopg2://u:secret@127.0.0.1:9/optuna", "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db",
             "--set", f"tune.runs={tmp_path}/runs"]
-    assert main(args) == 2
+    assert main(args) == 3  # a service that is down: exit 3, not 2
     err = capsys.readouterr().err
     assert "Optuna storage postgresql+psycopg2://u:***@127.0.0.1:9/optuna is unreachable" in err
     assert "secret" not in err and len(err.strip().splitlines()) == 1
