@@ -3,7 +3,8 @@
 Process pool `pipeline.work_pool`:
 - `retrain/nightly`: `pipeline.cron` in `pipeline.timezone` (default 03:00 UTC every day);
 - `train/on-demand`: no schedule;
-- `tune/on-demand`: a hyperparameter search (`flows/tune.py`), no schedule.
+- `tune/on-demand`: a hyperparameter search (`flows/tune.py`), no schedule;
+- `embed/on-demand`: embeddings of new images with the champion (`flows/embed.py`), no schedule.
 
 With `gpu=True` (`sslflow deploy --gpu`), on `pipeline.gpu_work_pool`, each with
 `CUDA_VISIBLE_DEVICES=0` as a job variable, `device=cuda` and one slot of `pipeline.gpu_limit`
@@ -13,19 +14,48 @@ With `gpu=True` (`sslflow deploy --gpu`), on `pipeline.gpu_work_pool`, each with
 - `train/gpu`: the whole train flow on a GPU host;
 - `tune/gpu`: a search whose trials train on a GPU host (several runs share one study).
 
-The flows' code comes from this checkout (`CODE_DIR`); every deployment carries the project
-directory it was created for (`project`), so a worker anywhere reads that project's
-params.yaml, store and MLflow database. Start a worker with
-`prefect worker start --pool sslflow-process`.
+Every deployment points at the project directory it was created for (`settings.project`: the
+directory `sslflow deploy` runs in, or --project / SSLFLOW_PROJECT): it is the flow runs'
+working directory (the pull step) and their `project` parameter, so a worker reads that
+project's params.yaml, store and runs. The flows' code (`code_source`): when the project is an
+sslflow checkout (flows/ and sslflow/ in it), that checkout's files (`flows/train.py:train_flow`,
+as prefect.yaml deploys them); otherwise the sslflow installed where the worker runs (module
+entrypoints `sslflow.flows.train.train_flow`: a wheel install, no checkout needed). Start a
+worker with `prefect worker start --pool sslflow-process`.
 """
 
 from __future__ import annotations
 
+import importlib
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout holding flows/
+#: What `embed/on-demand` embeds unless the run says otherwise (paths relative to the project).
+EMBED_DEFAULTS = {"source": "data/incoming", "out": "data/embeddings/incoming.parquet"}
+
+
+def code_source(project: Path) -> Path | None:
+    """The checkout whose flow files the deployments run: the project itself when it is an
+    sslflow checkout, else None (the worker's installed sslflow, by module path)."""
+    p = Path(project)
+    return p if (p / "flows" / "train.py").is_file() and (p / "sslflow" / "__init__.py").is_file() else None
+
+
+def flow_deployment(project: Path, module: str, func: str, code_dir: Path | None = None, **kwargs: Any) -> Any:
+    """A RunnerDeployment of `sslflow.flows.<module>.<func>` whose working directory is `project`;
+    the code from `code_dir` (default: `code_source(project)`) or the installed package."""
+    from prefect import Flow
+    from prefect.runner.storage import LocalStorage
+    from prefect.types.entrypoint import EntrypointType
+
+    src = code_dir if code_dir is not None else code_source(project)
+    if src is not None:
+        return Flow.from_source(str(src), f"flows/{module}.py:{func}").to_deployment(**kwargs)
+    flow = getattr(importlib.import_module(f"sslflow.flows.{module}"), func)
+    deployment = flow.to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
+    deployment.storage = LocalStorage(str(Path(project).resolve()))  # pull step: cd into the project
+    return deployment
 
 
 def ensure_work_pool(name: str, pool_type: str = "process") -> None:
@@ -46,52 +76,53 @@ def gpu_settings(pp: Any) -> tuple[str, dict[str, Any]]:
     return pp.gpu_limit or "gpu", {"env": {"CUDA_VISIBLE_DEVICES": "0"}}
 
 
-def build_deployments(settings: Any, gpu: bool = False, code_dir: Path = CODE_DIR) -> list[tuple[str, Any]]:
-    """(work pool, RunnerDeployment) pairs, not yet applied."""
-    from prefect import Flow
+def build_deployments(settings: Any, gpu: bool = False, code_dir: Path | None = None) -> list[tuple[str, Any]]:
+    """(work pool, RunnerDeployment) pairs, not yet applied; `code_dir` None = `code_source`."""
     from prefect.schedules import Cron
 
     pp = settings.pipeline
     project = {"project": str(settings.project)}
-    src = str(code_dir)
-    retrain = Flow.from_source(src, "flows/retrain.py:retrain_flow")
-    train = Flow.from_source(src, "flows/train.py:train_flow")
-    tune = Flow.from_source(src, "flows/tune.py:tune_flow")
+
+    def dep(module: str, func: str, **kwargs: Any) -> Any:
+        return flow_deployment(settings.project, module, func, code_dir, **kwargs)
+
     out = [
-        (pp.work_pool, retrain.to_deployment(
-            name="nightly", schedules=[Cron(pp.cron, timezone=pp.timezone)], tags=["sslflow"], parameters=project,
-            description="ingest data/incoming, validate, retrain when enough is new")),
-        (pp.work_pool, train.to_deployment(name="on-demand", tags=["sslflow"], parameters=project,
-                                           description="validate the store, pretrain, evaluate, register")),
-        (pp.work_pool, tune.to_deployment(name="on-demand", tags=["sslflow"], parameters=project,
-                                          description="hyperparameter search, then train the best trial")),
+        (pp.work_pool, dep("retrain", "retrain_flow",
+                           name="nightly", schedules=[Cron(pp.cron, timezone=pp.timezone)], tags=["sslflow"],
+                           parameters=project,
+                           description="ingest data/incoming, validate, retrain when enough is new")),
+        (pp.work_pool, dep("train", "train_flow", name="on-demand", tags=["sslflow"], parameters=project,
+                           description="validate the store, pretrain, evaluate, register")),
+        (pp.work_pool, dep("tune", "tune_flow", name="on-demand", tags=["sslflow"], parameters=project,
+                           description="hyperparameter search, then train the best trial")),
+        (pp.work_pool, dep("embed", "embed_flow", name="on-demand", tags=["sslflow"],
+                           parameters={**project, **EMBED_DEFAULTS},
+                           description="embed new images with the champion encoder into a Parquet table")),
     ]
     if gpu:
         limit, job_variables = gpu_settings(pp)
         on_gpu = ["device=cuda", f"pipeline.gpu_limit={limit}"]
         out += [
             pretrain_gpu_deployment(settings, code_dir),
-            (pp.gpu_work_pool, train.to_deployment(
-                name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
+            (pp.gpu_work_pool, dep(
+                "train", "train_flow", name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
                 parameters={**project, "overrides": on_gpu},
                 description="train on a GPU host (one slot of the gpu concurrency limit per run)")),
-            (pp.gpu_work_pool, tune.to_deployment(
-                name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
+            (pp.gpu_work_pool, dep(
+                "tune", "tune_flow", name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
                 parameters={**project, "overrides": on_gpu},
                 description="hyperparameter search on a GPU host; several runs can share one study")),
         ]
     return out
 
 
-def pretrain_gpu_deployment(settings: Any, code_dir: Path = CODE_DIR) -> tuple[str, Any]:
+def pretrain_gpu_deployment(settings: Any, code_dir: Path | None = None) -> tuple[str, Any]:
     """`pretrain/gpu`: the train flow's pretraining on a GPU host. `host_overrides` and
     `gpu_limit` are deployment parameters the train flow never sends, so they stay."""
-    from prefect import Flow
-
     pp = settings.pipeline
     limit, job_variables = gpu_settings(pp)
-    pretrain = Flow.from_source(str(code_dir), "flows/pretrain.py:pretrain_flow")
-    return (pp.gpu_work_pool, pretrain.to_deployment(
+    return (pp.gpu_work_pool, flow_deployment(
+        settings.project, "pretrain", "pretrain_flow", code_dir,
         name="gpu", tags=["sslflow", "gpu"], job_variables=job_variables,
         parameters={"project": str(settings.project), "host_overrides": ["device=cuda"], "gpu_limit": limit},
         description="pretraining only, for the train flow (pipeline.pretrain_deployment=pretrain/gpu)"))
@@ -102,7 +133,7 @@ def apply_deployments(pairs: list[tuple[str, Any]], gpu_limit: str | None = None
     {flow/name: id}."""
     from prefect.deployments.runner import deploy
 
-    from sslflow.flows.retrain import ensure_limit
+    from sslflow.tasks.pipeline.slot import ensure_limit
 
     for pool in {p for p, _ in pairs}:
         ensure_work_pool(pool)
@@ -116,7 +147,7 @@ def apply_deployments(pairs: list[tuple[str, Any]], gpu_limit: str | None = None
     return ids
 
 
-def deploy_all(settings: Any, gpu: bool = False, code_dir: Path = CODE_DIR) -> dict[str, str]:
+def deploy_all(settings: Any, gpu: bool = False, code_dir: Path | None = None) -> dict[str, str]:
     """`build_deployments` applied: the pools, the GPU limit and the deployments; {name: id}."""
     return apply_deployments(build_deployments(settings, gpu, code_dir),
                              gpu_settings(settings.pipeline)[0] if gpu else None)

@@ -75,8 +75,13 @@ def pretrain_flow(store: str, run_dir: str, params_files: list[str] | None = Non
         callbacks.append(attach_mlflow_run(uri, mlflow_run_id, settings.tracking.flush_every,
                                            settings.tracking.preflight_timeout_s, tags))
         logger.info("logging pretraining metrics to MLflow run %s on %s", mlflow_run_id, uri)
+    from sslflow.flows.train import resumable_run
+
+    resume = resumable_run(run_dir)  # a retried crashed run continues its checkpoint
+    if resume:
+        logger.info("resuming %s from its checkpoint (a retry of a run that did not finish)", run_dir)
     try:
-        result = pretrain_step(root / split, run_dir, settings,
+        result = pretrain_step(root / split, run_dir, settings, resume=resume,
                                eval_train=root / evals[0] if evals else None,
                                eval_test=root / evals[1] if evals else None, callbacks=callbacks,
                                progress_bar=progress_bar, gpu_limit=pp.gpu_limit if gpu_limit is None else gpu_limit)

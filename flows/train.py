@@ -16,7 +16,6 @@ pretraining runs on that deployment's work pool (a GPU host) as a subflow run
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,10 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
     `protocols` None = `eval.protocols` (add `finetune` there to fine-tune too).
     `pretrain_deployment` None = `pipeline.pretrain_deployment`; "" = pretrain in this process.
     """
+    from sslflow.core.project import run_name as checked_run_name
+    from sslflow.core.secrets import redact_uri
     from sslflow.core.settings import load_settings
-    from sslflow.tasks.data.versioning import store_data_version
+    from sslflow.tasks.data.versioning import current_data_version
     from sslflow.tasks.pipeline.decisions import markdown_report
     from sslflow.tasks.pipeline.steps import (
         evaluate_step,
@@ -54,11 +55,13 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
 
     logger = get_run_logger()
     settings = load_settings(params_files, overrides or (), project=project)
+    if protocols:  # checked like the setting: the promotion metric's protocol must be among them
+        settings = settings.updated([f"eval.protocols=[{','.join(protocols)}]"])
     pp = settings.pipeline
-    protocols = list(protocols or settings.eval.protocols)
+    protocols = list(settings.eval.protocols)
     store_root = settings.path(store or pp.store)
     reports = settings.path(reports_dir or pp.reports)
-    run_dir = settings.path(runs_dir or pp.runs) / (run_name or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = settings.path(runs_dir or pp.runs) / checked_run_name(run_name)
     train, test = store_root / "train", store_root / "test"
 
     uri = resolve_tracking_uri(settings)
@@ -66,20 +69,24 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
 
     checked = {split.name: validate_step(split, settings, reports) for split in (train, test)}
     train_images = checked["train"]["images"]
-    data_version = data_version or store_data_version(store_root)
+    data_version = data_version or current_data_version(store_root)  # never "unknown" for a store that exists
     io = dict(retries=pp.retries, first_delay_s=pp.retry_delay_s)
 
     with tracking_run(settings, run_name=run_dir.name, data_version=data_version,
                       tags={"train_images": train_images, "test_images": checked["test"]["images"]},
                       check=False) as run:
-        logger.info("MLflow run %s on %s", run.run_id, uri)
+        logger.info("MLflow run %s on %s", run.run_id, redact_uri(uri))
         remote = pp.pretrain_deployment if pretrain_deployment is None else pretrain_deployment
         if remote:
             result = _pretrain_remotely(remote, store_root, run_dir, params_files, list(overrides or []), run,
                                         data_version, progress_bar, str(settings.project))
         else:
+            resume = resumable_run(run_dir)
+            if resume:
+                logger.info("resuming %s from its checkpoint (a retry of a run that did not finish)", run_dir)
             result = pretrain_step(train, run_dir, settings, eval_train=train, eval_test=test,
-                                   callbacks=[run.callback()], progress_bar=progress_bar, gpu_limit=pp.gpu_limit)
+                                   callbacks=[run.callback()], progress_bar=progress_bar, gpu_limit=pp.gpu_limit,
+                                   resume=resume)
         report = evaluate_step(run_dir, train, test, settings, protocols)
         gx = [Path(c["report"]) for c in checked.values() if c.get("report")]
         with_retries(log_step, **io)(run, run_dir, settings, report, train_store=train, test_store=test,
@@ -92,7 +99,7 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
                   if k in result.metrics}}
     create_markdown_artifact(
         markdown_report(f"train: {run_dir.name}", metrics, decision,
-                        {"run directory": run_dir, "MLflow": f"{uri} run {run.run_id}",
+                        {"run directory": run_dir, "MLflow": f"{redact_uri(uri)} run {run.run_id}",
                          "train images": train_images, "data version": data_version or "unknown"}),
         key="train-report", description="metrics and promotion decision of the latest train run")
     return {"run_dir": str(run_dir), "metrics": dict(report.metrics), "pretrain_metrics": dict(result.metrics),
@@ -100,6 +107,15 @@ def train_flow(store: str | None = None, params_files: list[str] | None = None,
             "model_name": decision.model_name, "model_version": decision.version,
             "decision": decision.decision, "reason": decision.reason, "train_images": train_images,
             "data_version": data_version}
+
+
+def resumable_run(run_dir: Path) -> bool:
+    """A named run retried after a crash (its process killed with the worker, an outage) holds a
+    checkpoint: it continues from there instead of failing with "already holds a run". The
+    engine refuses the checkpoint of other settings or data (a one-line `RunStateError`, exit 2)."""
+    from sslflow.ssl_models.train import CHECKPOINT
+
+    return (Path(run_dir) / CHECKPOINT).is_file()
 
 
 def _pretrain_remotely(deployment: str, store_root: Path, run_dir: Path, files: list[str] | None, overrides: list[str],

@@ -226,6 +226,16 @@ def sample_crop_boxes(
     return crop_boxes_from_uniform(u, scale, ratio, aspect)
 
 
+def _clamp_to_box(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Clamp (B, S) grid coordinates to the pixel centres of the box [lo, hi] (normalised image
+    coordinates, `pixels` along this axis): in grid units [2 lo - 1 + 1/n, 2 hi - 1 - 1/n],
+    collapsed onto the box's centre when the box is narrower than one pixel."""
+    centre = lo + hi - 1.0
+    first = torch.minimum(2.0 * lo - 1.0 + 1.0 / pixels, centre).unsqueeze(1)
+    last = torch.maximum(2.0 * hi - 1.0 - 1.0 / pixels, centre).unsqueeze(1)
+    return torch.minimum(torch.maximum(g, first), last)
+
+
 def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
     """Crop `boxes` (B, 4) out of `x` (B, C, H, W), resize to size x size, flip where `flip`.
 
@@ -236,17 +246,23 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size:
     whose batched matmul may run in TF32 on CUDA (sub-pixel jitter) and is slow on CPU.
 
     Interpolation: bilinear, ``align_corners=False`` (the pixel-centre convention of
-    torchvision's Resize), ``padding_mode="border"`` (a sample up to half a pixel outside the
-    box clamps to the edge pixel, as crop-then-resize would). Downscaling is *not*
-    antialiased (torchvision's tensor Resize antialiases by default): irrelevant when crops
-    are upscaled (CIFAR-size SSL), a mild aliasing when a large crop is shrunk a lot.
+    torchvision's Resize). Edges: every sample coordinate is clamped to the crop box's
+    outermost pixel centres (half a pixel inside the box's edges), so the outermost output
+    pixels repeat the crop's edge pixels and never blend in pixels outside the box, exactly
+    as crop-then-resize does for a pixel-aligned box (``padding_mode="border"`` alone would
+    clamp at the *image* border and read up to half a pixel beyond the box). A box narrower
+    than one pixel samples its centre line. Downscaling is *not* antialiased (torchvision's
+    tensor Resize antialiases by default): irrelevant when crops are upscaled (CIFAR-size
+    SSL), a mild aliasing when a large crop is shrunk a lot.
     """
-    b = x.shape[0]
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     x0, y0, x1, y1 = boxes.to(x.dtype).unbind(1)
     sign = 1.0 - 2.0 * flip.to(x.dtype)
     t = torch.arange(size, device=x.device, dtype=x.dtype).mul_(2.0 / size).add_(1.0 / size - 1.0)
     gx = torch.addcmul((x0 + x1 - 1.0).unsqueeze(1), ((x1 - x0) * sign).unsqueeze(1), t)  # (B, S)
     gy = torch.addcmul((y0 + y1 - 1.0).unsqueeze(1), (y1 - y0).unsqueeze(1), t)
+    gx = _clamp_to_box(gx, x0, x1, w)
+    gy = _clamp_to_box(gy, y0, y1, h)
     grid = torch.stack((gx.unsqueeze(1).expand(b, size, size), gy.unsqueeze(2).expand(b, size, size)), dim=3)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

@@ -2,7 +2,11 @@
 
 A checkpoint is written to a temporary file in the same directory, fsynced, then renamed
 over the previous one: a process killed at any instant (kill -9 included) leaves either the
-old or the new checkpoint, never a torn one.
+old or the new checkpoint, never a torn one. Everything is serialised in memory first and
+written by Python: PyTorch's C++ file writer aborted the whole process (exit 134) when the
+disk filled up. A full disk is now a `DiskFull` (one line); files published together
+(`publish`) are all written as temporaries before the first rename, so a full disk never
+leaves `encoder.pt` without `encoder.pt2` and `metrics.json`.
 
 Every file is read with `torch.load(..., weights_only=True)`: a checkpoint or encoder is data
 (tensors, numbers, strings, lists, dicts), never code, so a crafted `last.pt` cannot run
@@ -12,10 +16,9 @@ than NumPy's pickled tuple.
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
 import random
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,40 +26,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from sslflow.ssl_models.atomic import publish, remove_stale_temporaries
 from sslflow.ssl_models.backbones import Backbone, backbone_from_metadata
 from sslflow.ssl_models.errors import ConfigError, RunStateError
+
+__all__ = ["ENCODER_FILE", "EXPORT_FILE", "atomic_save", "load_data", "load_encoder", "publish",
+           "remove_stale_temporaries", "save_encoder", "torch_bytes"]
 
 ENCODER_FILE, EXPORT_FILE = "encoder.pt", "encoder.pt2"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    """`torch.save(obj)` to `path`, atomically."""
+    publish(Path(path).parent, {Path(path).name: torch_bytes(obj)})
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temporaries(directory: Path) -> None:
-    """Temp files of a writer that was killed mid-save; never valid checkpoints or exports."""
-    if directory.is_dir():
-        for pattern in (".*.tmp", ".*.tmp.pt2"):
-            for f in directory.glob(pattern):
-                f.unlink(missing_ok=True)
+def torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def load_data(path: Path, what: str) -> Any:
@@ -115,9 +103,11 @@ def encoder_metadata(backbone: Backbone, mean, std) -> dict[str, Any]:
     return {**backbone.metadata(), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
-def save_encoder(backbone: Backbone, run_dir: Path, mean, std, *, export: bool = True) -> dict[str, Path]:
-    """Write the backbone twice: a state dict with metadata (`encoder.pt`) and, with `export`, a
-    `torch.export` program (`encoder.pt2`) that loads with plain PyTorch::
+def save_encoder(backbone: Backbone, run_dir: Path, mean, std, *, export: bool = True,
+                 extra: dict[str, bytes] | None = None) -> dict[str, Path]:
+    """Write the backbone twice, together with `extra` files (`publish`): a state dict with
+    metadata (`encoder.pt`) and, with `export`, a `torch.export` program (`encoder.pt2`) that
+    loads with plain PyTorch::
 
         encoder = torch.export.load("encoder.pt2").module()
         features = encoder(normalised_images)   # (N, 3, H, W) float -> (N, feature_dim)
@@ -125,23 +115,20 @@ def save_encoder(backbone: Backbone, run_dir: Path, mean, std, *, export: bool =
     run_dir = Path(run_dir)
     meta = encoder_metadata(backbone, mean, std)
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    atomic_save({"meta": meta, "state_dict": state}, run_dir / ENCODER_FILE)
-    if not export:
-        return {"state_dict": run_dir / ENCODER_FILE}
-    cpu = backbone_from_metadata(meta)
-    cpu.load_state_dict(state)
-    cpu.eval()
-    size = int(meta["image_size"])
-    example = torch.randn(2, 3, size, size)
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(cpu, (example,), dynamic_shapes=({0: batch},))
-    tmp = run_dir / f".encoder-{uuid.uuid4().hex}.tmp.pt2"  # torch.export wants the suffix
-    try:
-        torch.export.save(program, tmp)
-        os.replace(tmp, run_dir / EXPORT_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"state_dict": run_dir / ENCODER_FILE, "exported": run_dir / EXPORT_FILE}
+    files = {ENCODER_FILE: torch_bytes({"meta": meta, "state_dict": state})}
+    if export:
+        cpu = backbone_from_metadata(meta)
+        cpu.load_state_dict(state)
+        cpu.eval()
+        size = int(meta["image_size"])
+        example = torch.randn(2, 3, size, size)
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(cpu, (example,), dynamic_shapes=({0: batch},))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        files[EXPORT_FILE] = buffer.getvalue()
+    publish(run_dir, {**files, **(extra or {})})
+    return {"state_dict": run_dir / ENCODER_FILE, **({"exported": run_dir / EXPORT_FILE} if export else {})}
 
 
 def load_encoder(path: Path) -> tuple[Backbone, dict[str, Any]]:
@@ -152,13 +139,15 @@ def load_encoder(path: Path) -> tuple[Backbone, dict[str, Any]]:
     if not isinstance(blob, dict) or "meta" not in blob or "state_dict" not in blob:
         raise RunStateError(f"{file} is not an sslflow encoder (no meta / state_dict)")
     meta = blob["meta"]
+    if not isinstance(meta, dict) or not isinstance(blob["state_dict"], dict):
+        raise RunStateError(f"{file} is not an sslflow encoder (meta and state_dict must be mappings)")
     try:
         model = backbone_from_metadata(meta)
         model.load_state_dict(blob["state_dict"])
-    except (RuntimeError, KeyError, TypeError, ConfigError) as e:
-        first = str(e).strip().splitlines()[0][:200]
+    except (RuntimeError, KeyError, TypeError, ValueError, ConfigError) as e:
+        detail = " ".join(str(e).replace("Error(s) in loading state_dict for", "").split())[:300]
         raise RunStateError(f"{file}: its metadata ({meta.get('name') or meta.get('arch')}) does not match its "
-                            f"weights: {first}") from None
+                            f"weights: {detail}") from None
     if "image_size" not in meta:
         meta = {**meta, "image_size": model.image_size}
     return model, meta

@@ -141,6 +141,10 @@ class PretrainConfig(RegistrySectionsMixin):
                              doc="steps between host syncs for loss/throughput metrics")
     eval_every: int = setting(10, domain=NON_NEGATIVE, resumable=True,
                               doc="epochs between online kNN evaluations; 0 = never")
+    max_device_bytes: int = setting(0, domain=NON_NEGATIVE, resumable=True,
+                                    doc="largest store kept whole on the device, in bytes; a larger one streams "
+                                    "from its shard files in the same batch order (resume in either mode); "
+                                    "0 = auto: a quarter of the GPU's memory, 8 GiB on the CPU")
     sections: Mapping[str, Any] = registry_sections(_method_configs)
 
     @property

@@ -7,6 +7,7 @@
   checkpoint belongs to other settings or data, or is unreadable).
 - `StoreError` (`ssl_models.store`) and `EvaluationError` (`ssl_models.evaluate`): unusable data.
 - `TrainingDiverged`: the loss became NaN/inf; the last good checkpoint is kept.
+- `DiskFull`: a write ran out of space (or quota); nothing was half-published.
 
 Everything else that escapes the engine is a bug and keeps its traceback.
 """
@@ -30,4 +31,14 @@ class TrainingDiverged(EngineError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-__all__ = ["ConfigError", "EngineError", "RunStateError", "TrainingDiverged"]
+class DiskFull(EngineError, OSError):
+    """No space left on the device (or the quota) while writing `path`; what was being written
+    was not published, and its temporaries are gone."""
+
+    def __init__(self, path: object, errno_: int | None = None) -> None:
+        super().__init__(f"no space left on device writing {path}: free some space and run again "
+                         "(nothing was half-written)")
+        self.path, self.errno = path, errno_
+
+
+__all__ = ["ConfigError", "DiskFull", "EngineError", "RunStateError", "TrainingDiverged"]

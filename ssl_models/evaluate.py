@@ -7,8 +7,14 @@ read once per protocol. Results are percentages (83.2, not 0.832).
 Conventions shared by every protocol (and documented here once):
 
 * **Top-5 with few classes.** Top-5 accuracy is "the true class is among the min(5, C)
-  highest-scored classes". With C <= 5 classes it is therefore always 100.0; the key is still
-  returned so tracked metric names do not depend on the data set (solo-learn does the same).
+  highest-scored classes". For the linear probe and fine-tuning (every class has a score)
+  it is therefore always 100.0 with C <= 5; the key is still returned so tracked metric names
+  do not depend on the data set (solo-learn does the same).
+* **kNN top-5 ranks only voted classes.** A class none of the k neighbours belongs to has no
+  score, not a score of 0: it is never counted as a top-5 hit (otherwise with k=1 the other
+  classes tie at 0 and top-5 is tie-breaking: 75 % reported where 58 % of the test points had
+  their class among the votes). Hence kNN top-5 = top-1 for k=1, and with C <= 5 it is the
+  share of test points whose class received a vote.
 * **Determinism.** Shuffling and augmentation draw from local `torch.Generator`s seeded from
   `seed`; classifier heads are zero-initialised, so no protocol reads or advances the global
   RNG, and on CPU the same seed gives identical numbers.
@@ -140,11 +146,19 @@ def _num_classes(num_classes: int | None, train_labels: Tensor, test_labels: Ten
     return c
 
 
-def _topk_hits(scores: Tensor, labels: Tensor) -> Tensor:
-    """(2,) counts on the device: [top-1 hits, top-min(5, C) hits] of one chunk."""
+def _topk_hits(scores: Tensor, labels: Tensor, ranked: Tensor | None = None) -> Tensor:
+    """(2,) counts on the device: [top-1 hits, top-min(5, C) hits] of one chunk.
+
+    `ranked` (chunk, C) bool: the classes that may be ranked at all (kNN: those that received a
+    vote); a class outside it is never a hit, whatever its position among the ties. None = all.
+    """
     k = min(5, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    hit = top == labels[:, None]
+    if ranked is not None:
+        scores = scores.masked_fill(~ranked, float("-inf"))
+    top = scores.topk(k, dim=1)
+    hit = top.indices == labels[:, None]
+    if ranked is not None:
+        hit &= ranked.gather(1, top.indices)
     return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
 
 
@@ -206,8 +220,11 @@ def extract_features(encoder: nn.Module, images: Tensor | np.ndarray, mean: Sequ
 # ------------------------------------------------------------------------------------ kNN
 def _knn_vote_chunks(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: int,
                      temperature: float, num_classes: int, chunk_size: int | None
-                     ) -> Iterator[tuple[int, Tensor]]:
-    """(start, votes (chunk, C)) over the test set; see `knn_classify` for the rule."""
+                     ) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(start, votes (chunk, C), voted (chunk, C) bool) over the test set; see `knn_classify`.
+
+    `voted` marks the classes at least one neighbour belongs to (counted, not read off the
+    votes: with a tiny T a far neighbour's weight underflows to 0 but it still voted)."""
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.to(train.device).float(), dim=1)
     labels = train_labels.to(train.device).long()
@@ -221,7 +238,8 @@ def _knn_vote_chunks(train_feats: Tensor, train_labels: Tensor, test_feats: Tens
         weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
         votes = torch.zeros(len(top_sim), num_classes, device=train.device, dtype=torch.float32)
         votes.scatter_add_(1, labels[top_idx], weights)
-        yield start, votes
+        voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, labels[top_idx], True)
+        yield start, votes, voted
 
 
 def _check_knn_inputs(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: int,
@@ -250,7 +268,7 @@ def knn_votes(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: 
     train_labels = _labels_tensor(train_labels, train_feats.device)
     _check_knn_inputs(train_feats, train_labels, test_feats, k, temperature)
     c = _num_classes(num_classes, train_labels)
-    parts = [v for _, v in _knn_vote_chunks(train_feats, train_labels, test_feats, k, temperature, c,
+    parts = [v for _, v, _ in _knn_vote_chunks(train_feats, train_labels, test_feats, k, temperature, c,
                                             chunk_size)]
     return torch.cat(parts)
 
@@ -270,8 +288,8 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     than failing, so tiny smoke-test sets still evaluate. The test set is processed in chunks
     of `chunk_size` rows (default: as many as keep one chunk's (chunk, N) similarity matrix
     under 2^25 elements), which bounds memory for any test set size. `num_classes` defaults
-    to max label + 1 over train and test. Top-5: see the module docstring (100.0 when C <= 5).
-    Keys: "knn_top1", "knn_top5" (percent).
+    to max label + 1 over train and test. Top-5 ranks only the classes that received a vote
+    (see the module docstring): with k=1 it equals top-1. Keys: "knn_top1", "knn_top5" (percent).
     """
     device = train_feats.device
     train_labels = _labels_tensor(train_labels, device)
@@ -281,9 +299,9 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         raise EvaluationError(f"{len(test_feats)} test features but {len(test_labels)} labels")
     c = _num_classes(num_classes, train_labels, test_labels)
     hits = torch.zeros(2, dtype=torch.long, device=device)
-    for start, votes in _knn_vote_chunks(train_feats, train_labels, test_feats, k, temperature, c,
-                                         chunk_size):
-        hits += _topk_hits(votes, test_labels[start:start + len(votes)])
+    for start, votes, voted in _knn_vote_chunks(train_feats, train_labels, test_feats, k, temperature, c,
+                                                chunk_size):
+        hits += _topk_hits(votes, test_labels[start:start + len(votes)], voted)
     return _percent(hits, len(test_feats), "knn")
 
 

@@ -10,7 +10,9 @@ before each checkpoint and at epoch end.
 Checkpoints hold the method (networks, EMA copies, queues, centres), optimizer, schedule,
 position in the epoch, metric accumulators and every RNG state, so a run killed at any
 point and resumed ends with the same weights as an uninterrupted one (bitwise on CPU).
-Metrics leave through callbacks; this module logs nothing itself.
+Metrics leave through callbacks. What it prints itself is progress, on stderr: a tqdm bar on an
+interactive terminal and one line per epoch everywhere (`ssl_models/progress.py`), which a
+Prefect task with `log_prints` forwards to the flow-run log.
 
 Data parallel (under torchrun, see docs/multi-gpu.md): `pretrain.batch_size` is the global
 batch, split evenly over the ranks; every rank draws the augmentation uniforms of the whole
@@ -24,7 +26,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -50,6 +55,7 @@ from sslflow.ssl_models.errors import ConfigError, RunStateError, TrainingDiverg
 from sslflow.ssl_models.evaluate import extract_features, knn_classify, map_test_labels
 from sslflow.ssl_models.methods import METHODS, Batch, SSLMethod, TrainContext
 from sslflow.ssl_models.optim import WarmupCosine, build_optimizer
+from sslflow.ssl_models.progress import EpochLines
 from sslflow.ssl_models.store import DeviceBatches, ImageStore
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -137,6 +143,46 @@ def method_views(params: EngineSettings, image_size: int) -> list:
     return method.view_specs(params.pretrain.method_config, train_context(params, image_size))
 
 
+def check_view_memory(params: EngineSettings, image_size: int, device: torch.device, world_size: int = 1) -> None:
+    """Refuse, before any data is loaded, view settings whose augmented batch alone (float32
+    views of one rank's batch) would take more than half the device's memory: a `local_size`
+    and `local_crops` that ask for terabytes are one line, not an allocator crash."""
+    views = method_views(params, image_size) or []
+    batch = params.pretrain.batch_size // world_size
+    need = sum(batch * 3 * v.size * v.size * 4 for v in views)
+    total = device_memory(device)
+    if total and need > total // 2:
+        sizes = ", ".join(f"{n} x {s}px" for s, n in sorted(Counter(v.size for v in views).items()))
+        raise ConfigError(f"one batch of views ({sizes} views of {batch} images: pretrain.batch_size, "
+                          f"augment.global_size / local_size / local_crops) needs {need / 2**30:.1f} GiB, more "
+                          f"than half of the {total / 2**30:.0f} GiB of {device}; lower them")
+
+
+def check_view_sizes(params: EngineSettings, image_size: int) -> None:
+    """Refuse views larger than the stored images, before any data is loaded: the store size
+    (`ingest.size`, what ingest kept) and the view sizes (`augment.global_size`,
+    `augment.local_size`) are separate settings, and a view drawn bigger than its source only
+    upsamples (blurred pixels, more compute, nothing learned)."""
+    views = method_views(params, image_size) or []
+    too_big = sorted({v.size for v in views if v.size > image_size})
+    if too_big:
+        global_size = params.augment.global_size or image_size
+        keys = sorted({"augment.global_size" if s == global_size else "augment.local_size" for s in too_big})
+        raise ConfigError(f"views of {', '.join(f'{s} px' for s in too_big)} ({' and '.join(keys)}) are larger "
+                          f"than the stored {image_size} px images: lower them, or ingest the images at a larger "
+                          "ingest.size into a new store")
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of `device` (physical RAM for the CPU); 0 when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def build_method(params: EngineSettings, ctx: TrainContext, device: torch.device) -> SSLMethod:
     """Seeded construction, so the initial weights are a function of `params.seed` (on every rank).
 
@@ -188,12 +234,18 @@ class Pretrainer:
                               f"divisible by the number of ranks ({self.world_size})")
         # rank 0 alone reports: the other ranks get no callbacks and no progress bar
         self.callbacks = list(callbacks) if self.is_main else []
-        self.progress_bar = progress_bar and self.is_main
+        # the bar only on an interactive terminal; elsewhere the per-epoch lines are the progress
+        self.progress_bar = progress_bar and self.is_main and sys.stderr.isatty()
         self.image_size = store.height
+        check_view_sizes(params, self.image_size)  # before the data is loaded
+        check_view_memory(params, self.image_size, self.device, self.world_size)  # before the data is loaded
         self.flat_params = engine_flat(params)
         self.data_fingerprint = {"images": len(store), "shards": [sh.id for sh in store.shards]}
 
+        # resident on the device if it fits in pretrain.max_device_bytes, else streamed from disk:
+        # the same batches either way, so the mode is no part of the checkpoint
         self.batches = DeviceBatches(store, self.cfg.batch_size, self.device, params.seed,
+                                     max_resident_bytes=self.cfg.max_device_bytes or None,
                                      rank=self.rank, world_size=self.world_size)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
@@ -373,15 +425,18 @@ class Pretrainer:
     def fit(self) -> PretrainResult:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress_bar,
                    desc=f"{self.cfg.method} pretrain", unit="step", dynamic_ncols=True)
+        lines = EpochLines(self.cfg.epochs, start_epoch=self.epoch) if self.is_main else None
         if self.step == 0 and self.eval_images is not None and self.cfg.eval_every:
             # epoch 0 of the kNN curve: what the randomly initialised encoder already gets
             self.history.epochs.append({"epoch": 0, **self.online_knn()})
             for cb in self.callbacks:
                 cb.on_epoch_end(0, self.history.epochs[0])
+            if lines:
+                lines(0, self.history.epochs[0], pause=bar.external_write_mode())
         log_t0, log_step0 = time.perf_counter(), self.step
         while self.epoch < self.cfg.epochs:
             self.method.train()
-            epoch_t0 = time.perf_counter()
+            epoch_t0, epoch_step0 = time.perf_counter(), self.step
             for images in self.batches.epoch(self.epoch, self.batch_in_epoch):
                 self.train_step(images)
                 bar.update(1)
@@ -392,8 +447,12 @@ class Pretrainer:
                     log_t0, log_step0 = now, self.step
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-            self.train_seconds += time.perf_counter() - epoch_t0
+            epoch_seconds = time.perf_counter() - epoch_t0
+            self.train_seconds += epoch_seconds
             self._end_epoch()
+            if lines:  # one line per epoch: the only progress a pipe or a Prefect log shows
+                lines(self.epoch, self.history.epochs[-1], images=(self.step - epoch_step0) * self.cfg.batch_size,
+                      train_seconds=epoch_seconds, pause=bar.external_write_mode())
             log_t0, log_step0 = time.perf_counter(), self.step
         bar.close()
         return self._finish()
@@ -486,8 +545,31 @@ class Pretrainer:
             metrics["knn_top1_at_init"] = self.history.epochs[0]["knn_top1"]
         if self.is_main:
             save_encoder(self.method.encoder(), self.run_dir, self.params.augment.mean, self.params.augment.std,
-                         export=self.cfg.export)
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            (self.run_dir / "history.json").write_text(json.dumps(asdict(self.history), indent=1))
+                         export=self.cfg.export,
+                         extra={"metrics.json": json.dumps(metrics, indent=1).encode(),
+                                "history.json": json.dumps(asdict(self.history), indent=1).encode()})
+            self._write_visuals()
         distributed.barrier()
         return PretrainResult(self.run_dir, self.method, metrics, self.history)
+
+    @torch.no_grad()
+    def _write_visuals(self, n: int = 16) -> None:
+        """`visuals/<name>.png`: a grid of what the method's `visualize` returns (reconstructions,
+        colorizations, ...) on the first `n` images of epoch 0's order; the tracking step logs them."""
+        images = next(self.batches.epoch(0), None)
+        if images is None:
+            return
+        was_training = self.method.training
+        self.method.eval()
+        try:
+            pictures = self.method.visualize(self.make_batch(images[:n]))
+        finally:
+            self.method.train(was_training)
+        if not pictures:
+            return
+        from torchvision.utils import save_image
+
+        out = self.run_dir / "visuals"
+        out.mkdir(exist_ok=True)
+        for name, grid in pictures.items():
+            save_image(grid.float().clamp(0, 1).cpu(), out / f"{name}.png", nrow=min(len(grid), 8))

@@ -144,3 +144,17 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
             with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+@contextmanager
+def saturated_cpu(processes: int | None = None) -> Iterator[None]:
+    """Busy-loop processes on every core for the block: races that only show on a loaded
+    machine (a worker that starts seconds late) show here too."""
+    n = processes or len(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()

@@ -27,6 +27,15 @@ from torch import Tensor, nn
 from sslflow.ssl_models.errors import ConfigError
 
 
+def input_layout(x: Tensor) -> Tensor:
+    """`x` as the network should see it: unchanged on CUDA (channels_last pays there), contiguous
+    NCHW elsewhere. On the CPU, torch 2.14's channels_last convolution backward corrupted the heap
+    for narrow ResNets at 96 px (issue 15; benchmarks/repro_channels_last_cpu_crash.py): the
+    augmentation already hands the CPU contiguous views, this guards every other caller (a
+    method's own tensors, `sslflow embed`, user code). Free when `x` is already contiguous."""
+    return x if x.device.type == "cuda" else x.contiguous()
+
+
 class Backbone(nn.Module):
     """Base class of every backbone; see the module docstring for the contract."""
 

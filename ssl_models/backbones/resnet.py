@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from sslflow.ssl_models.backbones.base import Backbone, register_backbone
+from sslflow.ssl_models.backbones.base import Backbone, input_layout, register_backbone
 from sslflow.ssl_models.errors import ConfigError
 from sslflow.ssl_models.schema import Choices, Range, setting
 
@@ -89,7 +89,7 @@ class SSLResNet(ResNet, Backbone):
         """(B, 3, H, W) -> the last stage's (B, feature_dim, H/s, W/s) map (s = 8 or 32)."""
         if keep is not None:
             raise ConfigError("ResNet backbones cannot drop patches (a mask needs a ViT backbone)")
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(input_layout(x)))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def pool(self, features: Tensor) -> Tensor:

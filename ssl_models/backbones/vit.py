@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslflow.ssl_models.backbones.base import Backbone, register_backbone
+from sslflow.ssl_models.backbones.base import Backbone, input_layout, register_backbone
 from sslflow.ssl_models.errors import ConfigError
 from sslflow.ssl_models.schema import Choices, Range, setting
 
@@ -165,7 +165,7 @@ class VisionTransformer(Backbone):
         if h != w or h % self.patch_size:
             raise ConfigError(f"the ViT needs square inputs whose side is a multiple of the patch size "
                               f"{self.patch_size}; got {h}x{w}")
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = self.patch_embed(input_layout(x)).flatten(2).transpose(1, 2)
         return tokens + self.positions(h // self.patch_size)
 
     def forward_features(self, x: Tensor, keep: Tensor | None = None) -> Tensor:

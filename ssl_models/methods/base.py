@@ -143,6 +143,8 @@ class SSLMethod(nn.Module, ABC):
 
     @torch.no_grad()
     def visualize(self, batch: Batch) -> dict[str, Tensor]:
-        """Images worth looking at after training (e.g. reconstructions), name -> (N, 3, H, W) in
-        [0, 1]; logged to MLflow as a grid. Default: none."""
+        """Images worth looking at after training (e.g. inputs above their reconstructions),
+        name -> (N, 3, H, W) in [0, 1]. Called once at the end of a run (eval mode) on up to 16
+        images; written as `visuals/<name>.png` grids of 8 per row and logged to MLflow under
+        `plots/method/`. Default: none."""
         return {}

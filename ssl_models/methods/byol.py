@@ -35,8 +35,12 @@ class BYOL(SSLMethod):
       pred_hidden_dim -> proj_dim (both Linear-BN-ReLU-Linear).
     - Target momentum: cosine schedule tau = 1 - (1 - momentum) * (cos(pi * progress) + 1) / 2
       (tau = momentum at the start, 1 at the end), applied in `after_step`.
-    - Loss: symmetric, `(byol_loss(p1, z2') + byol_loss(p2, z1')) / 2`; the paper sums the two
-      terms, averaging halves the loss (and gradient) scale, which LARS largely normalises away.
+    - Loss: symmetric, `(byol_loss(p1, z2') + byol_loss(p2, z1')) / 2`; the paper (and
+      solo-learn) *sum* the two terms, so this loss and its gradient are half theirs. Under
+      LARS a weight's update is rescaled by ||w|| / ||g + wd w||, so halving g equals doubling
+      the weight decay: a summed recipe's (lr, wd) is (lr, wd / 2) here (LARS-excluded biases
+      and norms take half-size steps); with SGD it is (2 lr, wd / 2); AdamW is insensitive to
+      the scale. params/profiles/cifar10-byol.yaml applies this to solo-learn's recipe.
     Both views are encoded in one backbone call of 2B images (online and target alike).
     Data parallel needs nothing of its own: the loss is a per-image mean, so DDP's averaged
     gradients and synced BN give the global-batch result, and the EMA target stays identical

@@ -45,8 +45,11 @@ class MoCo(SSLMethod):
     - Queue: `cfg.queue_size` L2-normalised keys of dim proj_dim (random unit vectors at
       start), a ring buffer with a tensor pointer so enqueueing never syncs with the host.
     - Loss: symmetric, as in the official MoCo CIFAR demo: view 1 queries view 2's key and vice
-      versa, `(info_nce(q1, k2) + info_nce(q2, k1)) / 2` (the demo sums; averaging keeps the
-      loss on the scale of the asymmetric one). Both views' keys (2B per step) are enqueued
+      versa, `(info_nce(q1, k2) + info_nce(q2, k1)) / 2`. The official demo *sums* the two
+      terms; averaging (as solo-learn's MoCo v2+ does) keeps the loss on the scale of the
+      asymmetric one and halves the gradient: with SGD, the summed loss at (lr, weight decay)
+      is this one at (2 lr, weight decay / 2), so take solo-learn's lr as is and double the
+      demo's (params/profiles/cifar10-moco.yaml says so). Both views' keys (2B per step) are enqueued
       after the loss, so `2 * batch_size <= queue_size` is required.
     - Data parallel: the keys of all ranks are gathered (no gradient: keys are a stop-gradient
       target) and enqueued in global-batch order, so every rank's queue is identical and equal

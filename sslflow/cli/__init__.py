@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import threading
 
 from sslflow import __version__
 from sslflow.core.errors import RemotePretrainFailed, ServiceUnavailable, UserError
 
 COMMAND_MODULES = ("run", "ingest", "validate", "pretrain", "evaluate", "tune", "promote", "retrain", "deploy", "ui",
-                   "settings")
+                   "settings", "compare", "runs", "embed", "select")
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,7 +36,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from sslflow.ssl_models.evaluate import EvaluationError
     from sslflow.ssl_models.store import StoreError
 
-    return (UserError, ConfigError, RunStateError, StoreError, EvaluationError)
+    return (UserError, ConfigError, RunStateError, StoreError, EvaluationError)  # DiskFull: an OSError, below
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sslflow.core.processes import terminate_gracefully
     from sslflow.ssl_models.errors import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        terminate_gracefully()  # SIGTERM: locks released, temporary servers stopped, as on Ctrl-C
     try:
         return int(args.func(args) or 0)
     except ServiceUnavailable as e:
@@ -62,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingDiverged, RemotePretrainFailed) as e:
         print(f"sslflow {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        from sslflow.ssl_models.atomic import NO_SPACE
+
+        if e.errno not in NO_SPACE:
+            raise
+        where = getattr(e, "path", None) or e.filename or "a file"
+        print(f"sslflow {args.command}: error: no space left on device writing {where}: free some space and run "
+              "again (what was being written was not published)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sslflow {args.command}: interrupted", file=sys.stderr)
         return 130

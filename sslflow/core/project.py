@@ -15,12 +15,18 @@ so a command run from another directory never starts a second registry beside th
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
+
+from sslflow.core.errors import UserError
 
 ENV = "SSLFLOW_PROJECT"
 PARAMS_FILE = "params.yaml"
 MLFLOW_DB = "mlflow.db"
 OPTUNA_DB = "optuna.db"
+#: A run name is one path component: it names `runs/<name>/` and the MLflow run.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 def project_root(explicit: str | Path | None = None) -> Path:
@@ -35,3 +41,14 @@ def default_tracking_uri(project: Path) -> str:
 
 def default_optuna_storage(project: Path) -> str:
     return f"sqlite:///{(Path(project) / OPTUNA_DB).resolve()}"
+
+
+def run_name(name: str | None) -> str:
+    """`name`, checked to be one safe path component (`../../x`, `a/b`, `.hidden` and control
+    characters are refused in one line), or a timestamp when None."""
+    if name is None or name == "":
+        return time.strftime("%Y%m%d-%H%M%S")
+    if not RUN_NAME.fullmatch(name) or ".." in name:
+        raise UserError(f"run name {name!r} must be one path component: letters, digits, '.', '_', '+', '-' "
+                        "(at most 128, starting with a letter or digit, no '..')")
+    return name

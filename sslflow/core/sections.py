@@ -19,6 +19,7 @@ from sslflow.ssl_models.schema import (
     PROBABILITY,
     Choices,
     ConfigError,
+    Each,
     Pattern,
     Range,
     setting,
@@ -41,7 +42,12 @@ class IngestConfig:
     max_pixels: int = setting(89_478_485, domain=Range(1, 1 << 40),
                               doc="decompression-bomb limit, width * height (Pillow's default)")
     max_file_bytes: int = setting(64 << 20, domain=Range(1, 1 << 40), doc="larger files are quarantined unread")
+    max_decoded_bytes: int = setting(128 << 20, domain=Range(1 << 10, 1 << 40),
+                                     doc="bits per pixel x pixels once decoded; larger images are quarantined "
+                                         "(too_large_decoded) before decoding")
     workers: int = setting(0, domain=Range(0, 1024), doc="decode processes; 0 = all CPU cores")
+    lock_wait_s: float = setting(60.0, domain=Range(0, 86400), resumable=True,
+                                 doc="wait this long for another ingest of the same store, then stop with one line")
     chunk_size: int = setting(256, domain=Range(1, 1 << 20), doc="files per worker task")
     shard_images: int = setting(16384, domain=Range(1, 1 << 24), doc="images per shard file of the store")
     classes: tuple[str, ...] = setting((), doc="known class names in label order; [] = from the source / store")
@@ -50,6 +56,13 @@ class IngestConfig:
     demo_seed: int = setting(0, domain=Range(0, 2**31 - 1), doc="train uses demo_seed, test demo_seed + 1")
     torchvision_root: str = setting("data/raw/torchvision", domain=PATH,
                                     doc="`--source torchvision:NAME` reads/downloads NAME here")
+    near_duplicate_threshold: float = setting(0.97, domain=PROBABILITY,
+                                              doc="`retrain`: a new image whose champion-embedding cosine with a "
+                                                  "store image or an earlier new image is at least this is a "
+                                                  "near-duplicate (0 = do not look; docs/drift.md)")
+    quarantine_near_duplicates: bool = setting(False, doc="`retrain`: move near-duplicates out of the incoming "
+                                                          "folder before ingest (reason near_duplicate, with the "
+                                                          "matched file) instead of only reporting them")
 
     def check(self) -> None:
         if len(set(self.classes)) != len(self.classes):
@@ -65,8 +78,15 @@ class ValidateConfig:
     max_quarantined_fraction: float = setting(0.05, domain=PROBABILITY,
                                               doc="of the image files in one run; more stops the pipeline")
     class_balance_tolerance: float = setting(0.5, domain=NON_NEGATIVE,
-                                             doc="each class count within +-tolerance of the mean class count")
+                                             doc="each class count within +-tolerance of the mean class count "
+                                                 "(labeled images only)")
+    class_balance_warn_splits: tuple[str, ...] = setting(
+        ("train",), domain=Each(NAME),
+        doc="splits where an imbalance is a warning, not a rejection (the SSL train split: mostly "
+            "unlabeled, new classes arrive in small batches); every other split (test) is gated")
     allow_new_classes: bool = setting(True, doc="may a later batch bring class names the split lacks?")
+    checksums: bool = setting(True, doc="before training, read every shard and compare its sha256 with the "
+                                        "index (off: shapes and presence only, for stores of many GB)")
 
 
 @dataclass(frozen=True)
@@ -88,13 +108,34 @@ class TrackingConfig:
     uri: str = setting("", doc="'' = sqlite:///<project>/mlflow.db (+ <project>/mlartifacts); "
                        "env MLFLOW_TRACKING_URI wins")
     experiment: str = setting("sslflow", domain=Pattern(r"\S.{0,499}", "a non-empty name"), doc="created on first use")
-    model_name: str = setting("ssl-encoder", domain=Pattern(r"\S.{0,499}", "a non-empty name"),
+    model_name: str = setting("ssl-encoder", domain=Pattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}",
+                                                            "letters, digits, '.', '_' and '-' (it goes into "
+                                                            "models:/ URIs and registry searches)"),
                               doc="registered model: load with models:/ssl-encoder@champion")
     flush_every: int = setting(50, domain=Range(1, 1 << 20), doc="metric calls buffered per MlflowClient.log_batch")
     preflight_timeout_s: float = setting(5.0, domain=Range(0, 600, lo_open=True),
                                          doc="an unreachable tracking server fails before training, after this long")
+    retry_budget_s: float = setting(120.0, domain=Range(0, 3600), resumable=True,
+                                    doc="an MLflow outage during a run: requests are retried for about this long in "
+                                    "total, then the run stops with one line (exit 3); MLFLOW_HTTP_REQUEST_* "
+                                    "variables set in the environment win")
     embedding_map: bool = setting(True, doc="log a 2-D PCA map of the test-set embeddings coloured by label")
     augment_grid_images: int = setting(8, domain=Range(0, 256), doc="source images in the augmented-views grid")
+    heartbeat_s: float = setting(60.0, domain=Range(1, 3600), resumable=True,
+                                 doc="an open run's `sslflow.heartbeat` tag is refreshed this often")
+    orphan_after_s: float = setting(900.0, domain=Range(10, 30 * 86400), resumable=True,
+                                    doc="a RUNNING run silent this long was left by a dead process: the next run "
+                                        "of its experiment marks it KILLED")
+
+    def check(self) -> None:
+        from sslflow.core.secrets import http_credentials_in_uri, redact_uri
+
+        if http_credentials_in_uri(self.uri):
+            raise ConfigError(f"tracking.uri {redact_uri(self.uri)} carries credentials: put them in "
+                              "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        if self.orphan_after_s < 3 * self.heartbeat_s:
+            raise ConfigError(f"tracking.orphan_after_s {self.orphan_after_s:g} must be at least 3 x "
+                              f"tracking.heartbeat_s ({self.heartbeat_s:g}): a live run would look dead")
 
 
 @dataclass(frozen=True)
@@ -114,6 +155,9 @@ class PipelineConfig:
 
     store: str = setting("data/store", domain=PATH, doc="the image store (train/ and test/ splits)")
     incoming: str = setting("data/incoming", domain=PATH, doc="`retrain` ingests this folder into the train split")
+    set_aside: str = setting("data/rejected", domain=PATH,
+                             doc="`retrain` moves a batch of the incoming folder that validation rejected to "
+                                 "<set_aside>/<batch>/ with its report, so the next run does not fail on it again")
     runs: str = setting("runs", domain=PATH, doc="run directories: runs/<run name>/")
     reports: str = setting("reports", domain=PATH, doc="ingest / validation reports")
     min_new_images: int = setting(100, domain=NON_NEGATIVE,
@@ -123,6 +167,9 @@ class PipelineConfig:
     retry_delay_s: float = setting(2.0, domain=Range(0, 3600), doc="first retry after this long, then x2 each time")
     lock: str = setting("sslflow-retrain", domain=NAME, doc="Prefect global concurrency limit (1 slot)")
     lock_timeout_s: float = setting(30.0, domain=Range(0, 86400), doc="a retrain waits this long for the slot")
+    lock_lease_s: float = setting(120.0, domain=Range(60, 86400),
+                                  doc="the slot's lease, renewed while its holder lives: a killed retrain frees it "
+                                      "after this long (Prefect's minimum is 60)")
     cron: str = setting("0 3 * * *", domain=CRON, doc="the `retrain` deployment's schedule")
     timezone: str = setting("UTC", domain=Pattern(r"[A-Za-z_+\-/0-9]+", "an IANA time zone, e.g. UTC"))
     work_pool: str = setting("sslflow-process", domain=NAME, doc="process work pool of the deployments")
@@ -131,6 +178,19 @@ class PipelineConfig:
                              doc="global concurrency limit held by each pretraining ('' = none), e.g. gpu")
     pretrain_deployment: str = setting("", domain=DEPLOYMENT,
                                        doc="'' = `train` pretrains in its own process; pretrain/gpu = on that pool")
+    retrain_policy: str = setting("count", domain=Choices(("count", "drift", "any")),
+                                  doc="`retrain` trains on: count = min_new_images new images; drift = the "
+                                      "champion-embedding drift test rejects at drift_level; any = either")
+    drift_level: float = setting(0.01, domain=Range(0, 1, lo_open=True, hi_open=True),
+                                 doc="significance level of the drift test (MMD, permutation p-value)")
+    drift_reference_images: int = setting(1000, domain=Range(2, 1 << 20),
+                                          doc="seeded sample of the trained-on images embedded as the drift "
+                                              "reference (the new images are capped at the same number)")
+    drift_permutations: int = setting(500, domain=Range(1, 1 << 20), doc="permutations of the drift test")
+    drift_clusters: int = setting(8, domain=Range(1, 1024), doc="k-means clusters of the reference for the "
+                                                                "per-cluster shares of the drift report")
+    select_n: int = setting(0, domain=NON_NEGATIVE, doc="`retrain`: after training, pick this many unlabeled "
+                                                        "images to label next (k-center greedy; 0 = off)")
 
 
 # ------------------------------------------------------------------------------------ tuning

@@ -75,6 +75,15 @@ class Settings(EngineSettings):
     project: Path = dataclasses.field(default_factory=Path.cwd, compare=False, repr=False,
                                       metadata={"doc": "not a setting: the project directory"})
 
+    def check(self) -> None:
+        """Cross-section rules of the pipeline, on top of the engine's: the promotion gate must
+        compare a metric that the configured protocols produce (refused before pretraining)."""
+        super().check()
+        protocol = self.promotion.metric.rsplit("_", 1)[0]
+        if protocol not in self.eval.protocols:
+            raise ConfigError(f"promotion.metric {self.promotion.metric} needs the {protocol!r} protocol, but "
+                              f"eval.protocols is {list(self.eval.protocols)}: add it or pick another metric")
+
     def path(self, relative: str | Path) -> Path:
         """A settings path (`pipeline.store`, `tune.runs`, ...) resolved against the project."""
         p = Path(relative).expanduser()

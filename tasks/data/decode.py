@@ -10,8 +10,15 @@ Resize policy: scale the shorter side to `size` and center-crop the longer one (
 antialiased when shrinking), after EXIF orientation. Large JPEGs are first reduced in the
 DCT domain (`Image.draft`), which is exact enough and several times faster.
 
-Decoding runs in worker processes (`decode_files`); this module imports only Pillow and
-NumPy so that spawning a worker stays cheap.
+Memory: the pixel limit alone let a 172 KB 16-bit 9400x9400 PNG take 3.2 GB, so the decoded
+size (bits per pixel x pixels, after JPEG draft reduction) has its own limit,
+`max_decoded_bytes`; a file over it is quarantined as `too_large_decoded` before decoding.
+
+Decoding runs in worker processes (`decode_files`) that die with the ingest (SIGKILL on the
+parent's death). A worker that dies itself (the OOM killer, a crash in a native decoder) costs
+one file: its chunk is decoded again one file at a time in a fresh worker, and the file that
+kills that one is quarantined as `worker_crashed`. This module imports only Pillow, NumPy and
+`sslflow.core` so that spawning a worker stays cheap.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import errno
 import hashlib
 import io
 import os
+import signal
 import stat
 import warnings
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -54,6 +63,13 @@ class DecodeOptions:
     min_side: int  # smaller images are quarantined as too_small
     max_pixels: int  # Pillow's decompression-bomb limit (width * height)
     max_file_bytes: int  # larger files are quarantined without being read
+    max_decoded_bytes: int = 128 << 20  # bits per pixel x pixels, after JPEG draft reduction
+
+    @classmethod
+    def of(cls, ingest: object, size: int | None = None) -> DecodeOptions:
+        """From the `ingest` settings section; `size` = an existing store's side."""
+        return cls(size or ingest.size, ingest.min_side, ingest.max_pixels,  # type: ignore[attr-defined]
+                   ingest.max_file_bytes, ingest.max_decoded_bytes)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -161,7 +177,7 @@ def decode_bytes(data: bytes, rel: str, label: str | None, sha: str, opts: Decod
         return Rejected(rel, "not_an_image", f"not a {'/'.join(FORMATS)} image")
     except (OSError, EOFError, SyntaxError) as e:
         text = str(e)
-        if isinstance(e, EOFError) or "truncated" in text:
+        if isinstance(e, EOFError) or "truncated" in text.lower():
             return Rejected(rel, "truncated", text or "unexpected end of file")
         return Rejected(rel, "decode_error", f"{type(e).__name__}: {text}")
     except Exception as e:  # a decoder bug must quarantine the file, not end the run
@@ -184,6 +200,16 @@ def decode_image(im: Image.Image, rel: str, label: str | None, opts: DecodeOptio
 
 
 # ------------------------------------------------------------------------------------ pixels
+#: Bits per pixel of Pillow's modes (an unknown mode counts as 32).
+MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 16, "PA": 16, "La": 16, "I;16": 16, "I;16L": 16, "I;16B": 16,
+             "I;16N": 16, "RGB": 24, "YCbCr": 24, "LAB": 24, "HSV": 24, "RGBA": 32, "RGBa": 32, "RGBX": 32,
+             "CMYK": 32, "I": 32, "F": 32}
+
+
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    return (MODE_BITS.get(mode, 32) * width * height + 7) // 8
+
+
 def _accept(im: Image.Image, rel: str, label: str | None, sha: str, nbytes: int, fmt: str,
             opts: DecodeOptions) -> Outcome:
     w, h = im.size
@@ -192,11 +218,15 @@ def _accept(im: Image.Image, rel: str, label: str | None, sha: str, nbytes: int,
     if min(w, h) < opts.min_side:
         return Rejected(rel, "too_small", f"{w}x{h}, shorter side < {opts.min_side}")
     mode = im.mode
-    orientation = _orientation(im)
-    width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # as displayed
     if im.format in ("JPEG", "MPO") and min(w, h) >= 2 * opts.size:
         scale = opts.size / min(w, h)
         im.draft(None, (max(1, round(w * scale)), max(1, round(h * scale))))
+    need = decoded_bytes(im.mode, *im.size)  # before anything reads pixels (PNG's getexif does)
+    if need > opts.max_decoded_bytes:
+        return Rejected(rel, "too_large_decoded", f"{w}x{h} {mode} decodes to {need >> 20} MiB "
+                                                  f"> {opts.max_decoded_bytes >> 20} MiB")
+    orientation = _orientation(im)
+    width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # as displayed
     im.load()
     if orientation != 1:
         im = _transpose(im)
@@ -221,7 +251,10 @@ def _transpose(im: Image.Image) -> Image.Image:
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB with alpha composited onto white; 16-bit and float greys scaled, not clipped."""
-    if im.mode.startswith("I;16") or im.mode == "I":
+    if im.mode.startswith("I;16"):  # 65535 -> 255, rounded; integer arithmetic (no float64 copy)
+        a = np.asarray(im).astype(np.uint32)
+        im = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
+    elif im.mode == "I":
         a = np.asarray(im, dtype=np.float64) / 257.0
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
@@ -248,8 +281,11 @@ def _resize(im: Image.Image, size: int) -> np.ndarray:
 _WORKER: tuple[DecodeOptions, frozenset[str]] | None = None
 
 
-def _init_worker(opts: DecodeOptions, known: frozenset[str]) -> None:
+def _init_worker(parent_pid: int, opts: DecodeOptions, known: frozenset[str]) -> None:
     global _WORKER
+    from sslflow.core.processes import die_with_parent
+
+    die_with_parent(parent_pid, signal.SIGKILL)  # a killed ingest takes its workers with it
     _WORKER = (opts, known)
 
 
@@ -266,6 +302,12 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _pool(workers: int, opts: DecodeOptions, known: frozenset[str]) -> ProcessPoolExecutor:
+    # spawn, not fork: the parent may hold torch/GX threads, which fork does not copy safely.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                               initializer=_init_worker, initargs=(os.getpid(), opts, known))
+
+
 def decode_files(tasks: Sequence[FileTask], opts: DecodeOptions, known: Collection[str],
                  workers: int = 0, chunk_size: int = 256) -> Iterator[Outcome]:
     """Outcomes in task order. Small jobs (or `workers=1`) stay in this process: spawning
@@ -275,9 +317,32 @@ def decode_files(tasks: Sequence[FileTask], opts: DecodeOptions, known: Collecti
         for t in tasks:
             yield decode_file(t, opts, known)
         return
-    chunks = [tasks[i:i + chunk_size] for i in range(0, len(tasks), chunk_size)]
-    # spawn, not fork: the parent may hold torch/GX threads, which fork does not copy safely.
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=get_context("spawn"),
-                             initializer=_init_worker, initargs=(opts, frozenset(known))) as pool:
-        for outcomes in pool.map(_decode_chunk_in_worker, chunks):
-            yield from outcomes
+    known = frozenset(known)
+    pending = [tasks[i:i + chunk_size] for i in range(0, len(tasks), chunk_size)]
+    while pending:
+        try:
+            with _pool(min(workers, len(pending)), opts, known) as pool:
+                for outcomes in pool.map(_decode_chunk_in_worker, pending):
+                    yield from outcomes
+                    pending.pop(0)
+        except BrokenProcessPool:
+            # a worker died: the first unfinished chunk may hold the culprit (or be a bystander);
+            # decode it one file at a time, then go on in parallel with a fresh pool
+            yield from _decode_isolated(pending.pop(0), opts, known)
+
+
+def _decode_isolated(chunk: Sequence[FileTask], opts: DecodeOptions, known: frozenset[str]) -> Iterator[Outcome]:
+    """One file at a time in one worker; a file that kills it is quarantined (`worker_crashed`)
+    and a fresh worker takes the next one."""
+    pool = _pool(1, opts, known)
+    try:
+        for task in chunk:
+            try:
+                yield pool.submit(_decode_chunk_in_worker, [task]).result()[0]
+            except BrokenProcessPool:
+                yield Rejected(task.rel, "worker_crashed", "the decode worker died on this file (out of memory "
+                                                           "or a crash in a native decoder)")
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = _pool(1, opts, known)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

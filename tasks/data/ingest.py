@@ -19,15 +19,11 @@ root keeps two scheduled runs from interleaving.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +38,7 @@ import pandas as pd
 
 from sslflow.core.errors import UserError
 from sslflow.core.settings import Settings, load_settings
-from sslflow.ssl_models.store import ImageStore, Shard, StoreError
+from sslflow.ssl_models.store import ImageStore, Shard, StoreError, StoreLock
 from sslflow.tasks.data import manifest
 from sslflow.tasks.data.decode import Accepted, DecodeOptions, Duplicate, Outcome, Rejected
 from sslflow.tasks.data.sources import Source, open_source
@@ -188,58 +184,61 @@ def ingest(source: str, store_root: str | Path, split: str = "train", size: int 
     root_existed = store_root.exists()
     src = open_source(source, split, torchvision_root=Path(cfg.torchvision_root), demo_seed=cfg.demo_seed,
                       demo_per_class={"train": cfg.demo_train_per_class, "test": cfg.demo_test_per_class})
-    with store_lock(store_root):
-        tracker = Tracker.for_store(store_root, vcfg)
+    tracker = Tracker.for_store(store_root, vcfg)  # before anything is written: a DVC problem is one line
+    with ingest_lock(store_root, cfg.lock_wait_s):
         previous = _previous_version(tracker, store_root)
         split_dir = store_root / split
-        store, existed = _open_split(split_dir, size or cfg.size, explicit_size=size is not None)
-        opts = DecodeOptions(store.height, cfg.min_side, cfg.max_pixels, cfg.max_file_bytes)
-        old_rows = manifest.read(split_dir, store) if existed else manifest.empty()
-        known = manifest.known_hashes(store_root)
-        declared = list(cfg.classes or src.classes)
-        builder = BatchBuilder(store, list(store.classes) + [c for c in declared if c not in store.classes],
-                               cfg.shard_images)
-        summary = IngestSummary(batch_id, "failed", source, split, str(split_dir), store.height,
-                                previous_data_version=previous, started_at=started.isoformat())
-        try:
-            for outcome in _progress(src.outcomes(opts, known, workers if workers is not None else cfg.workers,
-                                                  cfg.chunk_size), log):
-                builder.add(outcome, known, split)
-            builder.flush()
-            clock.lap("decode")
-            new_rows = manifest.batch_frame(builder.records, builder.placement, source=source, split=split,
-                                            batch_id=batch_id, ingested_at=started)
-            combined = pd.concat([old_rows, new_rows], ignore_index=True) if len(old_rows) else new_rows
-            known_classes = _known_classes(cfg.classes or src.classes, store.classes, params.validate)
-            result = validate(manifest=combined, split=split, limits=opts, cfg=params.validate,
-                              classes=known_classes, reports_dir=reports_dir, scan=builder.scan_frame(),
-                              batch=builder.batch_frame())
-            clock.lap("validate")
-        except BaseException:
-            _undo(builder, split_dir, existed, store_root, root_existed)
-            raise
-        _fill_counts(summary, builder, src, store, store_root)
-        summary.validation = result.to_dict()
-        if not result.success:
-            _undo(builder, split_dir, existed, store_root, root_existed)
-            summary.data_version = previous
-            _write_reports(summary, reports_dir, clock)
-            raise ValidationFailed(result, prefix=f"batch {batch_id} of {source} was not added: ")
-        if builder.records:
-            summary.new_classes = builder.classes[len(store.classes):]
-            manifest.write(split_dir, combined)
-            store.publish(builder.shards, builder.classes)
-            clock.lap("publish")
-        summary.status = "published" if builder.records else "unchanged"
-        summary.total_in_store = len(store)
-        summary.store_counts = _store_counts(store_root)
-        store_root.mkdir(parents=True, exist_ok=True)
-        try:
-            info: VersionInfo = version_store(store_root, tracker, vcfg.push if push is None else push)
-        except UserError as e:  # the batch is in; only its version record lags
-            info = VersionInfo(dir_hash(store_root), "sslflow", error=str(e))
-        clock.lap("version")
-        summary.data_version, summary.versioning = info.data_version, info.to_dict()
+        store, existed = _open_split(split_dir, size or cfg.size, explicit_size=size is not None, log=log)
+        with store.writing():  # one writer per split, from the first shard to the publication
+            opts = DecodeOptions.of(cfg, store.height)
+            old_rows = manifest.read(split_dir, store) if existed else manifest.empty()
+            known = manifest.known_hashes(store_root)
+            declared = list(cfg.classes or src.classes)
+            builder = BatchBuilder(store, list(store.classes) + [c for c in declared if c not in store.classes],
+                                   cfg.shard_images)
+            summary = IngestSummary(batch_id, "failed", source, split, str(split_dir), store.height,
+                                    previous_data_version=previous, started_at=started.isoformat())
+            try:
+                for outcome in _progress(src.outcomes(opts, known, workers if workers is not None else cfg.workers,
+                                                      cfg.chunk_size), log):
+                    builder.add(outcome, known, split)
+                builder.flush()
+                clock.lap("decode")
+                new_rows = manifest.batch_frame(builder.records, builder.placement, source=source, split=split,
+                                                batch_id=batch_id, ingested_at=started)
+                combined = pd.concat([old_rows, new_rows], ignore_index=True) if len(old_rows) else new_rows
+                known_classes = _known_classes(cfg.classes or src.classes, store.classes, params.validate)
+                result = validate(manifest=combined, split=split, limits=opts, cfg=params.validate,
+                                  classes=known_classes, reports_dir=reports_dir, scan=builder.scan_frame(),
+                                  batch=builder.batch_frame())
+                clock.lap("validate")
+            except BaseException:
+                _undo(builder, split_dir, existed, store_root, root_existed)
+                raise
+            _fill_counts(summary, builder, src, store, store_root)
+            summary.validation = result.to_dict()
+            if not result.success:
+                _undo(builder, split_dir, existed, store_root, root_existed)
+                summary.data_version = previous
+                _write_reports(summary, reports_dir, clock)
+                raise ValidationFailed(result, prefix=f"batch {batch_id} of {source} was not added: ")
+            if builder.records:
+                summary.new_classes = builder.classes[len(store.classes):]
+                manifest.write(split_dir, combined)
+                store.publish(builder.shards, builder.classes)
+                clock.lap("publish")
+            summary.status = "published" if builder.records else "unchanged"
+            if not builder.records and not existed:  # nothing new for a split that did not exist: leave none
+                shutil.rmtree(split_dir, ignore_errors=True)
+            summary.total_in_store = len(store)
+            summary.store_counts = _store_counts(store_root)
+            store_root.mkdir(parents=True, exist_ok=True)
+            try:
+                info: VersionInfo = version_store(store_root, tracker, vcfg.push if push is None else push)
+            except UserError as e:  # the batch is in; only its version record lags
+                info = VersionInfo(dir_hash(store_root), "sslflow", error=str(e))
+            clock.lap("version")
+            summary.data_version, summary.versioning = info.data_version, info.to_dict()
     _write_reports(summary, reports_dir, clock)
     log(f"{summary.status}: {summary.accepted} new, {summary.duplicates} duplicates, "
         f"{len(summary.quarantined)} quarantined, {summary.total_in_store} in {split_dir} "
@@ -247,8 +246,11 @@ def ingest(source: str, store_root: str | Path, split: str = "train", size: int 
     return summary
 
 
-def _open_split(split_dir: Path, side: int, explicit_size: bool) -> tuple[ImageStore, bool]:
-    """The split store, or an unpublished in-memory one (created on disk at publish)."""
+def _open_split(split_dir: Path, side: int, explicit_size: bool, log: Callable[[str], None] = print
+                ) -> tuple[ImageStore, bool]:
+    """The split store, or an unpublished in-memory one (created on disk at publish). All the
+    splits of a store root hold one image size: a new split takes its siblings' (an encoder is
+    evaluated at the size it was trained at), and an explicit other size is refused."""
     if ImageStore.is_store(split_dir):
         store = ImageStore.open(split_dir)
         if explicit_size and (store.height, store.width) != (side, side):
@@ -256,6 +258,15 @@ def _open_split(split_dir: Path, side: int, explicit_size: bool) -> tuple[ImageS
         if store.height != store.width:
             raise StoreError(f"{split_dir} holds {store.height}x{store.width} images; ingest needs square ones")
         return store, True
+    siblings = {(s.height, s.width): p.name for p in manifest.split_stores(split_dir.parent)
+                if (s := ImageStore.open(p))}
+    if siblings and (side, side) not in siblings:
+        (h, w), name = next(iter(siblings.items()))
+        if explicit_size or len(siblings) > 1:
+            raise StoreError(f"{split_dir.parent}/{name} holds {h}x{w} images: every split of a store has one size, "
+                             f"not {side}x{side} (ingest into another store root for another size)")
+        log(f"the {name} split holds {h}x{w} images: {split_dir.name} gets the same size (not ingest.size {side})")
+        side = h
     return ImageStore(split_dir, side, side, [], []), False
 
 
@@ -297,9 +308,10 @@ def _undo(builder: BatchBuilder, split_dir: Path, existed: bool, store_root: Pat
     builder.discard()
     if not existed and split_dir.is_dir():
         shutil.rmtree(split_dir, ignore_errors=True)
-    if not root_existed:
+    if not root_existed:  # only what this run created: the root with nothing but its lock file
         with suppress(OSError):
-            store_root.rmdir()  # only if still empty
+            (store_root / INGEST_LOCK).unlink(missing_ok=True)
+            store_root.rmdir()
 
 
 def _progress(outcomes: Iterator[Outcome], log: Callable[[str], None], every_s: float = 10.0) -> Iterator[Outcome]:
@@ -337,17 +349,27 @@ def _write_reports(summary: IngestSummary, reports_dir: Path, clock: _Clock) -> 
         path.write_text(text, encoding="utf-8")
 
 
+INGEST_LOCK = ".sslflow-ingest.lock"
+
+
 @contextmanager
-def store_lock(store_root: Path) -> Iterator[None]:
-    """One ingest per store root at a time (the lock lives outside the DVC-tracked tree)."""
-    key = hashlib.sha1(str(Path(store_root).resolve()).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"sslflow-ingest-{key}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+def ingest_lock(store_root: Path, wait_s: float) -> Iterator[None]:
+    """One ingest per store root at a time, across processes, `TMPDIR`s, `PrivateTmp` services and
+    hosts sharing the filesystem: a record lock held in the store root itself (`StoreLock`; the
+    kernel frees it when its holder dies). Another ingest waits up to `wait_s` seconds, then
+    stops with one line (`StoreBusy`) and changes nothing."""
+    store_root = Path(store_root)
+    created = [p for p in (store_root, *store_root.parents) if not p.exists()]  # deepest first
+    lock = StoreLock(store_root / INGEST_LOCK, f"store {store_root}")
+    lock.acquire(wait_s)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another ingest into {store_root} is running (lock {path})") from None
         yield
+    except BaseException:
+        if created:  # a first ingest that failed leaves no directory behind
+            (store_root / INGEST_LOCK).unlink(missing_ok=True)
+            for directory in created:
+                with suppress(OSError):
+                    directory.rmdir()  # only if empty
+        raise
     finally:
-        os.close(fd)
+        lock.release()

@@ -9,8 +9,11 @@ Four suites, each on its own in-memory frame, run before anything is published:
 - `manifest`: every row of the split after the batch (published + new): sha256 unique,
   required columns not null, original sizes and byte counts within bounds, labels within
   the known class set, split column = the split.
-- `classes`: one row per class of a labeled split: each class's count within
-  `validate.class_balance_tolerance` of the mean class count.
+- `classes`: one row per class among the split's labeled images (unlabeled ones are not
+  counted): each class's count within `validate.class_balance_tolerance` of the mean class
+  count. A gate for the evaluation splits (`test`); for the splits named in
+  `validate.class_balance_warn_splits` (default `train`: mostly unlabeled for SSL, and new
+  classes arrive in small batches) a failure is a one-line warning, not a rejection.
 
 The result is written as JSON (`reports/validation/<split>.json`) and as GX Data Docs HTML
 (`reports/data_docs/index.html`); `ValidationResult.message()` names the failing expectations
@@ -19,9 +22,11 @@ and rows in one line.
 
 from __future__ import annotations
 
+import html
 import json
+import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,7 @@ class ValidationResult:
     failures: list[Failure]
     report: Path
     data_docs: Path | None
+    warnings: list[Failure] = field(default_factory=list)  # failed expectations that do not gate
 
     def message(self) -> str:
         failed = "; ".join(f.describe() for f in self.failures)
@@ -64,7 +70,8 @@ class ValidationResult:
     def to_dict(self) -> dict[str, Any]:
         return {"success": self.success, "report": str(self.report),
                 "data_docs": str(self.data_docs) if self.data_docs else None,
-                "failures": [asdict(f) for f in self.failures]}
+                "failures": [asdict(f) for f in self.failures],
+                "warnings": [asdict(f) for f in self.warnings]}
 
 
 class ValidationFailed(UserError):
@@ -81,6 +88,7 @@ class Suite:
     frame: pd.DataFrame
     expectations: list[Any]
     index_columns: list[str]
+    gate: bool = True  # False: a failure is a warning
 
 
 def validate(*, manifest: pd.DataFrame, split: str, limits: DecodeOptions, cfg: Any,
@@ -104,7 +112,7 @@ def validate(*, manifest: pd.DataFrame, split: str, limits: DecodeOptions, cfg: 
             gxe.ExpectColumnValuesToBeUnique(column="sha256"),
         ], ["path"]))
     suites.append(_manifest_suite(manifest, split, limits, classes))
-    labeled = manifest["label"].dropna()
+    labeled = manifest["label"].dropna()  # the labeled part only: unlabeled images have no class
     if len(labeled):
         counts = labeled.value_counts()
         frame = pd.DataFrame({"label": counts.index.astype(str), "count": counts.to_numpy(),
@@ -113,8 +121,17 @@ def validate(*, manifest: pd.DataFrame, split: str, limits: DecodeOptions, cfg: 
         suites.append(Suite(f"{split}-classes", frame, [
             gxe.ExpectColumnValuesToBeBetween(column="ratio_to_mean", min_value=max(0.0, 1 - tol),
                                               max_value=1 + tol),
-        ], ["label", "count"]))
-    return _run(suites, split, Path(reports_dir))
+        ], ["label", "count"], gate=balance_gates(split, cfg)))
+    result = _run(suites, split, Path(reports_dir))
+    for w in result.warnings:  # stderr: a Prefect task with log_prints logs it too
+        print(f"validate {split}: warning: {w.describe()} (only a warning for the {split} split: "
+              f"validate.class_balance_warn_splits; report: {result.report})", file=sys.stderr)
+    return result
+
+
+def balance_gates(split: str, cfg: Any) -> bool:
+    """Does a class imbalance stop `split`? Not for the splits of `validate.class_balance_warn_splits`."""
+    return split not in tuple(getattr(cfg, "class_balance_warn_splits", ("train",)))
 
 
 def _manifest_suite(manifest: pd.DataFrame, split: str, limits: DecodeOptions,
@@ -131,8 +148,9 @@ def _manifest_suite(manifest: pd.DataFrame, split: str, limits: DecodeOptions,
         gxe.ExpectColumnValuesToBeBetween(column="bytes", min_value=1),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=[split]),
     ]
-    if classes is not None:
-        expectations.append(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)))
+    if classes is not None:  # compared with the escaped frame (see `_html_safe`)
+        expectations.append(gxe.ExpectColumnValuesToBeInSet(column="label",
+                                                            value_set=[html.escape(c) for c in classes]))
     return Suite(f"{split}-manifest", frame, expectations, ["path"])
 
 
@@ -151,21 +169,33 @@ def _run(suites: list[Suite], split: str, reports_dir: Path) -> ValidationResult
     datasource = ctx.data_sources.add_pandas("sslflow")
     results: dict[str, Any] = {}
     failures: list[Failure] = []
+    warnings: list[Failure] = []
     for s in suites:
         batch_def = datasource.add_dataframe_asset(s.name).add_batch_definition_whole_dataframe("all")
         suite = ctx.suites.add(gx.ExpectationSuite(name=s.name, expectations=s.expectations))
         definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=s.name, data=batch_def,
                                                                             suite=suite))
-        result = definition.run(batch_parameters={"dataframe": s.frame}, result_format={
+        result = definition.run(batch_parameters={"dataframe": _html_safe(s.frame)}, result_format={
             "result_format": "COMPLETE", "unexpected_index_column_names": s.index_columns})
         results[s.name] = result.to_json_dict()
-        failures += [_failure(s.name, r) for r in result.results if not r.success]
+        (failures if s.gate else warnings).extend(_failure(s.name, r) for r in result.results if not r.success)
     docs = ctx.build_data_docs(site_names=[SITE])
     docs_index = reports_dir / "data_docs" / "index.html" if SITE in docs else None
     report = reports_dir / "validation" / f"{split}.json"
-    out = ValidationResult(not failures, failures, report, docs_index)
+    out = ValidationResult(not failures, failures, report, docs_index, warnings)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({**out.to_dict(), "suites": results}, indent=1, default=str))
+    return out
+
+
+def _html_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with every string HTML-escaped: Data Docs write unexpected values (file names,
+    class names, reasons: all chosen by whoever supplied the files) into HTML as they are, so
+    a file named `<img src=x onerror=...>.jpg` was stored XSS in reports/ and MLflow."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column]):
+            out[column] = out[column].map(lambda v: html.escape(v) if isinstance(v, str) else v)
     return out
 
 
@@ -184,9 +214,15 @@ def _failure(suite: str, r: Any) -> Failure:
     for item in res.get("unexpected_index_list") or []:
         if isinstance(item, dict):
             name = "path" if "path" in item else "label"
-            rest = [f"{k}={_short(v)}" for k, v in item.items() if k != name and not _missing(v)]
-            rows.append(f"{item.get(name)} [{', '.join(rest)}]" if rest else str(item.get(name)))
+            rest = [f"{k}={_short(_plain(v))}" for k, v in item.items() if k != name and not _missing(v)]
+            row = _plain(item.get(name))
+            rows.append(f"{row} [{', '.join(rest)}]" if rest else str(row))
     return Failure(suite, cfg.type, column, observed, rows)
+
+
+def _plain(value: Any) -> Any:
+    """Undo `_html_safe` for the terminal and the JSON summary."""
+    return html.unescape(value) if isinstance(value, str) else value
 
 
 def validate_split(split_dir: Path, *, limits: DecodeOptions, cfg: Any,
@@ -200,7 +236,7 @@ def validate_split(split_dir: Path, *, limits: DecodeOptions, cfg: Any,
     if len(rows) != len(store):
         raise UserError(f"{split_dir}: the manifest describes {len(rows)} of {len(store)} images "
                         "(written without `sslflow ingest`?)")
-    limits = DecodeOptions(store.height, limits.min_side, limits.max_pixels, limits.max_file_bytes)
+    limits = replace(limits, size=store.height)
     return validate(manifest=rows, split=Path(split_dir).name, limits=limits, cfg=cfg,
                     classes=classes, reports_dir=reports_dir)
 

@@ -19,6 +19,7 @@ wins. Restore any earlier version (commit the `.dvc` file after each ingest)::
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -59,11 +60,18 @@ def file_md5(path: Path) -> str:
     return h.hexdigest()
 
 
+#: Files inside a store that are not data: the writer locks. `.dvcignore` holds the same pattern
+#: (`Tracker` adds it to a repository that lacks it), so DVC's hash and `dir_hash` agree.
+IGNORED = ".sslflow-*.lock"
+
+
 def dir_hash(root: Path) -> str:
     """DVC 3's `md5` of a directory, as `dvc add` records it (checked against DVC in tests)."""
     entries = []
     for dirpath, _, files in os.walk(root):
         for name in files:
+            if fnmatch.fnmatch(name, IGNORED):
+                continue
             p = Path(dirpath) / name
             entries.append({"md5": file_md5(p), "relpath": p.relative_to(root).as_posix()})
     entries.sort(key=lambda e: e["relpath"])
@@ -116,8 +124,17 @@ class Tracker:
                 raise UserError(f"{store_root} is not inside a DVC repo (run `dvc init`, or --no-dvc)")
             return None
         tracker = cls(root, store_root, cfg)
+        tracker.ignore_locks()
         tracker.preflight()
         return tracker
+
+    def ignore_locks(self) -> None:
+        """Make the repository's `.dvcignore` hold the stores' lock-file pattern (DVC must not
+        version a lock, and must hash a store as `dir_hash` does)."""
+        path = self.repo_root / ".dvcignore"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if IGNORED not in (line.strip() for line in lines):
+            path.write_text("\n".join([*lines, "# the writer locks of sslflow's image stores", IGNORED]) + "\n")
 
     def preflight(self) -> None:
         """Fail before anything is written when `dvc add` could not record the version."""
@@ -212,3 +229,15 @@ def store_data_version(store_root: str | Path) -> str | None:
         return str(outs[0].get("md5")) if outs else None
     except (yaml.YAMLError, AttributeError, IndexError):
         return None
+
+
+def current_data_version(store_root: str | Path) -> str | None:
+    """The store's data version as a run reports it: the one `<store>.dvc` records, else the
+    same hash computed here (`dir_hash`: reads every byte, about a second per 500 MB), None
+    when there is no store. A store outside DVC (`--no-dvc`, no DVC repo, a worker's copy)
+    still gets a version, so reports and MLflow never say "unknown" for data that exists."""
+    recorded = store_data_version(store_root)
+    if recorded is not None:
+        return recorded
+    root = Path(store_root)
+    return dir_hash(root) if root.is_dir() and any(root.iterdir()) else None

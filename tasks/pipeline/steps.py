@@ -60,16 +60,19 @@ def ingest_step(source: str, store: str | Path, split: str, settings: Any, repor
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_step(split_dir: str | Path, settings: Any, reports_dir: str | Path) -> dict[str, Any]:
-    """Re-check a published split with the GX suites; `ValidationFailed` stops the flow."""
+    """Re-check a published split: its shard files (`StoreDamaged`), then the GX suites
+    (`ValidationFailed`); either stops the flow in one line."""
     from sslflow.ssl_models.store import ImageStore
     from sslflow.tasks.data.decode import DecodeOptions
+    from sslflow.tasks.data.integrity import require_sound
     from sslflow.tasks.data.validate import ValidationFailed, validate_split
 
     split_dir = Path(split_dir)
     n = require_images(split_dir)
+    require_sound(split_dir, settings.validate.checksums)
     c = settings.ingest
     classes = list(c.classes) or (None if settings.validate.allow_new_classes else ImageStore.open(split_dir).classes)
-    result = validate_split(split_dir, limits=DecodeOptions(c.size, c.min_side, c.max_pixels, c.max_file_bytes),
+    result = validate_split(split_dir, limits=DecodeOptions.of(c),
                             cfg=settings.validate, classes=classes, reports_dir=Path(reports_dir))
     if not result.success:
         raise ValidationFailed(result, prefix=f"{split_dir}: ")
@@ -80,9 +83,10 @@ def validate_step(split_dir: str | Path, settings: Any, reports_dir: str | Path)
 @task(name="pretrain", cache_policy=NO_CACHE)
 def pretrain_step(data: str | Path, out: str | Path, settings: Any, *, eval_train: str | Path | None = None,
                   eval_test: str | Path | None = None, callbacks: Sequence[Any] = (),
-                  progress_bar: bool = False, gpu_limit: str = "") -> Any:
+                  progress_bar: bool = False, gpu_limit: str = "", resume: bool = False) -> Any:
     """`sslflow.tasks.training.pretrain.pretrain`; with `gpu_limit` it holds one slot of that global
-    concurrency limit while it trains (one slot per GPU: `prefect gcl create gpu --limit N`)."""
+    concurrency limit while it trains (one slot per GPU: `prefect gcl create gpu --limit N`).
+    `resume`: continue the checkpoint in `out` (the engine refuses other settings)."""
     from contextlib import nullcontext
 
     from sslflow.tasks.tracking.run import backbone_label
@@ -100,7 +104,7 @@ def pretrain_step(data: str | Path, out: str | Path, settings: Any, *, eval_trai
         slot = nullcontext()
     with slot:
         result = pretrain(data, out, settings, eval_train=eval_train, eval_test=eval_test,
-                          callbacks=list(callbacks), progress_bar=progress_bar)
+                          callbacks=list(callbacks), progress_bar=progress_bar, resume=resume)
     logger.info("pretraining done: %s", {k: round(v, 4) if isinstance(v, float) else v
                                          for k, v in result.metrics.items()})
     return result

@@ -68,15 +68,20 @@ def input_example(meta: dict[str, Any], store: Any = None, n: int = 2):
 
 
 def log_encoder(run_dir: str | Path, *, test_store: Any = None, run_id: str | None = None, name: str = ARTIFACT):
-    """Log the backbone of `run_dir/encoder.pt` as an MLflow PyTorch model (torch.export
-    program with a dynamic batch dimension), with a batch-2 input example of normalised
-    images, the inferred signature and the encoder metadata (arch, width, image_size, mean,
-    std). Logged into the active run, or `run_id`. Returns mlflow's `ModelInfo`."""
+    """Log the backbone of `run_dir/encoder.pt` as one MLflow model with two flavors: `pytorch`
+    (a torch.export program with a dynamic batch dimension, normalised float images in: what
+    `mlflow.pytorch.load_model` returns) and a `python_function` flavor that takes image bytes
+    (base64) or paths and returns embeddings, with the run's resize / normalise inside
+    (`sslflow.tasks.serving.pyfunc`: what `mlflow models serve` answers with). The signature and
+    input example are the served ones (2 images as base64 PNG); the metadata holds the encoder's
+    (arch, width, image_size, mean, std) and describes the tensor input. Logged into the active
+    run, or `run_id`. Returns mlflow's `ModelInfo`."""
     import mlflow
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
     from sslflow.ssl_models.checkpoint import load_encoder
+    from sslflow.tasks.serving import pyfunc
 
     run_dir = Path(run_dir)
     if not (run_dir / "encoder.pt").is_file() and not run_dir.is_file():
@@ -86,20 +91,36 @@ def log_encoder(run_dir: str | Path, *, test_store: Any = None, run_id: str | No
     example = input_example(meta, test_store)
     with torch.no_grad():
         output = encoder(torch.from_numpy(example)).numpy()
-    metadata = {**meta, "input": "float32 (N, 3, H, W): RGB in [0, 1], then (x - mean) / std",
+    metadata = {**meta, "input": "pyfunc: columns image (base64 image bytes) or path; pytorch flavor: float32 "
+                "(N, 3, H, W), RGB in [0, 1], then (x - mean) / std",
                 "output": "float32 (N, feature_dim) backbone features (before any projection head)"}
-    kwargs = dict(name=name, input_example=example, signature=infer_signature(example, output),
-                  pip_requirements=_pip_requirements(), metadata=metadata)
+    encoder_file = run_dir / "encoder.pt" if run_dir.is_dir() else run_dir
+    raw = _example_images(meta, test_store)
+    kwargs = dict(artifact_path=None, name=name, flavor=pyfunc, metadata=metadata, pytorch_model=encoder,
+                  encoder_file=encoder_file, feature_dim=int(output.shape[1]), tensor_example=example,
+                  tensor_signature=infer_signature(example, output), example_images=raw,
+                  pip_requirements=_pip_requirements())
     active = mlflow.active_run()
     if run_id is None or (active is not None and active.info.run_id == run_id):
         if active is None:
             raise RuntimeError("log_encoder needs an active MLflow run or run_id")
         run_id = active.info.run_id
         with artifact_store_errors(mlflow.get_tracking_uri(), f"logging the encoder to MLflow run {run_id}"):
-            return mlflow.pytorch.log_model(encoder, **kwargs)
+            return Model.log(**kwargs)
     with mlflow.start_run(run_id=run_id), \
             artifact_store_errors(mlflow.get_tracking_uri(), f"logging the encoder to MLflow run {run_id}"):
-        return mlflow.pytorch.log_model(encoder, **kwargs)
+        return Model.log(**kwargs)
+
+
+def _example_images(meta: dict[str, Any], store: Any = None, n: int = 2):
+    """`n` uint8 (H, W, 3) images for the served input example: the store's first, else noise."""
+    import numpy as np
+
+    if store is not None and len(store) > 0:
+        imgs = store.images()[:n]
+        return np.concatenate([imgs] * math.ceil(n / len(imgs)))[:n]
+    size = int(meta["image_size"])
+    return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
 def register_encoder(model_uri: str, name: str, *, eval_metrics: dict[str, float] | None = None,

@@ -10,23 +10,33 @@ from pathlib import Path
 from typing import Any
 
 from sslflow.core.errors import UserError
+from sslflow.tasks.tracking.datasets import log_store_inputs
 from sslflow.tasks.tracking.plots import plot_augmented_views, plot_confusion, plot_curves, plot_embedding_map
 from sslflow.tasks.tracking.run import TrackedRun, flat_params
+
+#: The evaluation metrics also logged under their own names: the obvious columns to add and sort
+#: by in the MLflow runs table (and what `sslflow runs` shows).
+TOP_LEVEL_METRICS = ("knn_top1", "linear_top1", "finetune_top1")
 
 
 def log_training(run: TrackedRun, run_dir: str | Path, params: Any, eval_report: Any = None, *,
                  train_store: Any = None, test_store: Any = None,
                  gx_report: str | Path | Sequence[str | Path] | None = None,
-                 extra_artifacts: Sequence[str | Path] = ()) -> dict[str, Any]:
+                 extra_artifacts: Sequence[str | Path] = (), data_version: str | None = None) -> dict[str, Any]:
     """Everything people look at after a run, into `run`:
 
-    - metrics: `pretrain/<key>` from `metrics.json`, `eval/<key>` from `eval_report.metrics`;
+    - metrics: `pretrain/<key>` from `metrics.json`, `eval/<key>` from `eval_report.metrics`,
+      and `knn_top1`, `linear_top1`, `finetune_top1` (the evaluation's) as top-level metrics;
+    - dataset inputs: the train split (context `training`) and the test split (`evaluation`),
+      digest = the data version (`data_version`, else the run's, else computed; see
+      `sslflow.tasks.tracking.datasets`), when they are given as paths;
     - artifacts: `params/params.yaml` (every resolved setting, a file `--params` accepts) +
       `params.json` (the engine's dotted keys), `plots/loss.png`,
       `plots/knn.png`, `plots/augmented_views.png` (needs `train_store`),
       `plots/embedding_map.png` (needs `test_store`), `evaluation/evaluation.json`,
       `evaluation/confusion.json` + `plots/confusion.png` (linear probe), `gx/` (the GX report
-      files or directories), run-dir `metrics.json`/`history.json`.
+      files or directories), run-dir `metrics.json`/`history.json`, and the method's own
+      pictures (`visuals/*.png`, e.g. reconstructions) as `plots/method/`.
 
     `train_store`/`test_store` are `ImageStore`s or paths. Returns the logged metric dict.
     """
@@ -46,6 +56,12 @@ def log_training(run: TrackedRun, run_dir: str | Path, params: Any, eval_report:
         ev = {k: float(v) for k, v in eval_report.metrics.items() if not math.isnan(float(v))}
         run.log_metrics(ev, prefix="eval/")
         logged.update({f"eval/{k}": v for k, v in ev.items()})
+        top = {k: ev[k] for k in TOP_LEVEL_METRICS if k in ev}
+        run.log_metrics(top)
+        logged.update(top)
+    stores = {k: s for k, s in (("train_store", train_store), ("test_store", test_store)) if isinstance(s, str | Path)}
+    if stores:
+        log_store_inputs(run, data_version or run.data_version, getattr(params, "project", None), **stores)
 
     def _store(s: Any) -> Any:
         return ImageStore.open(s) if isinstance(s, str | Path) else s
@@ -80,6 +96,8 @@ def log_training(run: TrackedRun, run_dir: str | Path, params: Any, eval_report:
             run.log_artifact(tmp / "evaluation", "evaluation")
     for name in ("metrics.json", "history.json"):
         run.log_artifact(run_dir / name, "run")
+    if (run_dir / "visuals").is_dir():  # what the method shows of itself: reconstructions, colorizations, ...
+        run.log_artifact(run_dir / "visuals", "plots/method")
     if gx_report is not None:
         for p in [gx_report] if isinstance(gx_report, str | Path) else gx_report:
             p = Path(p)

@@ -22,18 +22,33 @@ from pathlib import Path
 from typing import Any
 
 from sslflow.core.errors import UserError
+from sslflow.core.secrets import redact_uri
 from sslflow.core.settings import Settings
 from sslflow.tasks.tracking.backend import (
     artifact_store_errors,
     check_tracking_server,
     get_or_create_experiment,
+    mlflow_outage,
     resolve_tracking_uri,
+    retry_budget,
     scoped_tracking_uri,
 )
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 # MLflow log_batch limits per request
 MAX_BATCH_METRICS, MAX_BATCH_PARAMS, MAX_BATCH_TAGS = 1000, 100, 100
+
+
+@contextmanager
+def outages_as_one_line(uri: str | None, what: str) -> Iterator[None]:
+    """An MLflow outage inside the block (after the bounded retries) becomes one `ServiceUnavailable` line."""
+    try:
+        yield
+    except Exception as e:
+        err = mlflow_outage(uri or "?", e, what)
+        if err is None or err is e:
+            raise
+        raise err from e
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -125,6 +140,7 @@ class MLflowCallback:
 
         self.run_id = run_id
         self.client = client or MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
         self.flush_every = max(1, int(flush_every))
         self._buffer: list[Any] = []
         self._calls = 0
@@ -154,8 +170,9 @@ class MLflowCallback:
 
     def flush(self) -> None:
         buffer, self._buffer, self._calls = self._buffer, [], 0
-        for i in range(0, len(buffer), MAX_BATCH_METRICS):
-            self.client.log_batch(self.run_id, metrics=buffer[i:i + MAX_BATCH_METRICS])
+        with outages_as_one_line(self.tracking_uri, f"logging metrics to MLflow run {self.run_id}"):
+            for i in range(0, len(buffer), MAX_BATCH_METRICS):
+                self.client.log_batch(self.run_id, metrics=buffer[i:i + MAX_BATCH_METRICS])
 
     close = flush
 
@@ -171,9 +188,11 @@ class TrackedRun:
     config: Any  # the TrackingConfig section
     client: Any
     callbacks: list[MLflowCallback] = field(default_factory=list)
+    data_version: str | None = None  # of the store it trains on (its dataset inputs' digest)
 
     def callback(self) -> MLflowCallback:
-        cb = MLflowCallback(self.run_id, self.client, flush_every=self.config.flush_every)
+        cb = MLflowCallback(self.run_id, self.client, flush_every=self.config.flush_every,
+                            tracking_uri=self.tracking_uri)
         self.callbacks.append(cb)
         return cb
 
@@ -183,15 +202,17 @@ class TrackedRun:
         now = int(time.time() * 1000)
         items = [Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)]
-        for i in range(0, len(items), MAX_BATCH_METRICS):
-            self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH_METRICS])
+        with outages_as_one_line(self.tracking_uri, f"logging metrics to MLflow run {self.run_id}"):
+            for i in range(0, len(items), MAX_BATCH_METRICS):
+                self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH_METRICS])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), MAX_BATCH_TAGS):
-            self.client.log_batch(self.run_id, tags=items[i:i + MAX_BATCH_TAGS])
+        with outages_as_one_line(self.tracking_uri, f"tagging MLflow run {self.run_id}"):
+            for i in range(0, len(items), MAX_BATCH_TAGS):
+                self.client.log_batch(self.run_id, tags=items[i:i + MAX_BATCH_TAGS])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -213,37 +234,62 @@ def tracking_run(settings: Settings, *, run_name: str | None = None, data_versio
     URI the process-wide one (restored afterwards), so `mlflow.log_*`,
     `mlflow.pytorch.log_model` and `sslflow.tasks.tracking.registry` land in it. `nested=True`
     inside another active run (e.g. one trial of a sweep).
+
+    While the block runs, a thread refreshes the run's heartbeat tag (`tracking.heartbeat_s`);
+    opening a top-level run first ends the runs of the experiment that dead processes left
+    RUNNING (`sslflow.tasks.tracking.orphans`).
+
+    An outage of the server inside the block: each request is retried for about
+    `tracking.retry_budget_s` in total, then the block ends with one `ServiceUnavailable` line
+    (exit 3); recording the failure (flush, `error` tag, FAILED) then gets one attempt per call,
+    not another budget each.
     """
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Param
+
+    from sslflow.tasks.tracking.orphans import end_orphaned_runs, heartbeat
 
     cfg = settings.tracking
     uri = resolve_tracking_uri(settings)
     if check:
         check_tracking_server(uri, cfg.preflight_timeout_s)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = get_or_create_experiment(client, cfg.experiment, uri)
     all_tags = run_tags(settings, data_version=data_version, device=device, extra=tags)
-    with scoped_tracking_uri(uri), mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                                                    tags=all_tags, nested=nested) as active:
-        run = TrackedRun(active.info.run_id, experiment_id, uri, cfg, client)
-        if log_params:
-            items = [Param(k, v) for k, v in flat_params(settings).items()]
-            for i in range(0, len(items), MAX_BATCH_PARAMS):
-                client.log_batch(run.run_id, params=items[i:i + MAX_BATCH_PARAMS])
-        try:
-            yield run
-        except BaseException as e:
-            for cb in run.callbacks:  # keep the original error whatever happens here
-                with suppress(Exception):
+    with scoped_tracking_uri(uri), retry_budget(cfg.retry_budget_s) as give_up:
+        with outages_as_one_line(uri, "opening an MLflow run"):
+            experiment_id = get_or_create_experiment(client, cfg.experiment, uri)
+            active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags, nested=nested)
+        run = TrackedRun(active.info.run_id, experiment_id, uri, cfg, client, data_version=data_version)
+        with heartbeat(MlflowClient(tracking_uri=uri), run.run_id, cfg.heartbeat_s):
+            try:
+                if not nested:
+                    end_orphaned_runs(client, experiment_id, cfg.orphan_after_s, keep=run.run_id)
+                if log_params:
+                    items = [Param(k, v) for k, v in flat_params(settings).items()]
+                    with outages_as_one_line(uri, f"logging params to MLflow run {run.run_id}"):
+                        for i in range(0, len(items), MAX_BATCH_PARAMS):
+                            client.log_batch(run.run_id, params=items[i:i + MAX_BATCH_PARAMS])
+                yield run
+                for cb in run.callbacks:
                     cb.flush()
-            msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:5000]
-            with suppress(Exception):
-                client.set_tag(run.run_id, "error", msg)
-            raise
-        for cb in run.callbacks:
-            cb.flush()
+            except BaseException as e:
+                outage = mlflow_outage(uri, e, f"MLflow run {run.run_id}") if isinstance(e, Exception) else None
+                if outage is not None:
+                    give_up()  # the server is known down: one attempt for each call below
+                for cb in run.callbacks:  # keep the original error whatever happens here
+                    with suppress(Exception):
+                        cb.flush()
+                msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:5000]
+                with suppress(Exception):
+                    client.set_tag(run.run_id, "error", msg)
+                with suppress(Exception):
+                    mlflow.end_run("FAILED")
+                if outage is not None and outage is not e:
+                    raise outage from e
+                raise
+        with outages_as_one_line(uri, f"ending MLflow run {run.run_id}"):
+            mlflow.end_run("FINISHED")
 
 
 # ------------------------------------------------------------------------------------ a run held elsewhere
@@ -262,12 +308,13 @@ def attach_mlflow_run(tracking_uri: str, run_id: str, flush_every: int, timeout_
     try:
         status = client.get_run(run_id).info.status
     except MlflowException as e:
-        raise UserError(f"MLflow run {run_id} not found on {tracking_uri}: {e.message}".replace("\n", " ")) from None
+        raise UserError(f"MLflow run {run_id} not found on {redact_uri(tracking_uri)}: "
+                        f"{e.message}".replace("\n", " ")) from None
     if status != "RUNNING":
-        raise UserError(f"MLflow run {run_id} on {tracking_uri} is {status}: pretraining logs into a run the "
-                        "train flow holds open")
+        raise UserError(f"MLflow run {run_id} on {redact_uri(tracking_uri)} is {status}: pretraining logs into a "
+                        "run the train flow holds open")
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    return MLflowCallback(run_id, client, flush_every=flush_every)
+    return MLflowCallback(run_id, client, flush_every=flush_every, tracking_uri=tracking_uri)
 
 
 def device_tags(params: Any) -> dict[str, str]:

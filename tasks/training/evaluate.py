@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sslflow.core.errors import UserError
 from sslflow.core.settings import Settings
@@ -14,6 +16,8 @@ from sslflow.ssl_models.evaluate import EvalReport
 from sslflow.ssl_models.evaluate import evaluate as run_protocols
 from sslflow.ssl_models.train import resolve_device
 from sslflow.tasks.data.folders import open_images
+
+log = logging.getLogger("sslflow")
 
 
 def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, settings: Settings,
@@ -33,6 +37,7 @@ def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, setti
     protocols = list(protocols or settings.eval.protocols)
     cache = (encoder_dir if encoder_dir.is_dir() else encoder_dir.parent) / "data-cache"
     train_store, test_store = open_images(train, cache, settings), open_images(test, cache, settings)
+    check_sizes(meta, train_store, test_store)
     aug = dataclasses.replace(settings.augment, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     device = resolve_device(settings.device)
     report = run_protocols(encoder, train_store, test_store, protocols, settings.eval, aug, device, settings.seed)
@@ -43,3 +48,15 @@ def evaluate(encoder_dir: str | Path, train: str | Path, test: str | Path, setti
     if confusion is not None:
         out.with_name(f"{out.stem}-confusion.json").write_text(json.dumps(confusion))
     return report
+
+
+def check_sizes(meta: dict, train: Any, test: Any) -> None:
+    """Train and test images of one size (refused otherwise); a warning line when it is not the
+    size the encoder was trained at (its features are then out of distribution)."""
+    if (train.height, train.width) != (test.height, test.width):
+        raise UserError(f"the train images are {train.height}x{train.width} px and the test images "
+                        f"{test.height}x{test.width}: ingest both splits at one size")
+    trained = meta.get("image_size")
+    if trained and int(trained) != train.height:
+        log.warning("the encoder was trained on %s px images and is evaluated on %d px ones: expect lower "
+                    "accuracy (re-ingest at %s px, or pretrain at this size)", trained, train.height, trained)

@@ -49,8 +49,9 @@ def objective_stores(train: Any, test: Any, holdout_fraction: float, seed: int, 
         shutil.rmtree(tmp, ignore_errors=True)
         for name, keep in (("bank", ~query & (labels >= 0)), ("queries", query)):
             out = ImageStore.create(tmp / name, train.height, train.width)
-            out.publish([], list(train.classes))  # the train split's label numbering, in both
-            out.add(images[keep], [train.classes[i] for i in labels[keep]])
+            with out.writing():
+                out.publish([], list(train.classes))  # the train split's label numbering, in both
+                out.add(images[keep], [train.classes[i] for i in labels[keep]])
         with suppress(OSError):  # another worker won the race: its copy is identical
             tmp.rename(root)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -114,7 +114,7 @@ def tune(store: str | Path, settings: Settings, *, trials: int | None = None, st
     tracker = StudyTracker(settings, uri)
     config = {**{k: v for k, v in as_dict(cfg).items() if k != "space"}, "trials": trials, "timeout_s": timeout,
               "study": name, "storage": label, "space": {d.name: d.param for d in space}}
-    parent = tracker.parent_run(study_obj, created=created, config=config, storage_label=label)
+    parent = tracker.parent_run(study_obj, opened, config=config, storage_label=label)
     log(f"tune: study {name!r} on {label} ({'new' if created else 'joined'}), "
         f"{_finished(study_obj)}/{trials} trials finished; MLflow parent run {parent} on {uri}")
 

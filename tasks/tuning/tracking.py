@@ -39,29 +39,24 @@ class StudyTracker:
         self.experiment_id = get_or_create_experiment(self.client, self.cfg.experiment, uri)
 
     # ------------------------------------------------------------------------------ parent
-    def parent_run(self, study: Any, *, created: bool, config: Mapping[str, Any], storage_label: str,
-                   wait_s: float = 20.0) -> str:
-        """The study's parent run: created by the worker that created the study; a worker
-        that joins a study without trials waits for it (the creator writes the attribute
-        right after creating the study), and a resumed study reopens it. A study created
-        outside sslflow gets one after `wait_s`."""
-        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-        joining_new = not created and not study.get_trials(deepcopy=False)
-        deadline = time.monotonic() + (wait_s if joining_new else 0)
-        while run_id is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-        if run_id is not None:
-            self.client.update_run(run_id, status="RUNNING")
-            return str(run_id)
-        tags = run_tags(None, project_dir=self.settings.project,
-                        extra={"sslflow.kind": "tune-study", "optuna.study": study.study_name,
-                               "optuna.storage": storage_label})
-        run = self.client.create_run(self.experiment_id, run_name=f"tune-{study.study_name}", tags=tags)
-        items = {f"tune.{k}": v for k, v in config.items()}
-        self._log_params(run.info.run_id, items)
-        study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
-        return run.info.run_id
+    def parent_run(self, study: Any, storage: Any, *, config: Mapping[str, Any], storage_label: str) -> str:
+        """The study's one parent run, whichever worker gets here first: the check for it and
+        its creation happen under a lock held in the study's storage, so workers that start
+        together (or a resumption) all log under the same parent."""
+        from sslflow.tasks.tuning.locking import storage_lock
+
+        with storage_lock(storage, f"sslflow-tune-parent:{study.study_name}"):
+            run_id = study.user_attrs.get(PARENT_RUN_ATTR)  # read from the storage, inside the lock
+            if run_id is not None:
+                self.client.update_run(run_id, status="RUNNING")
+                return str(run_id)
+            tags = run_tags(None, project_dir=self.settings.project,
+                            extra={"sslflow.kind": "tune-study", "optuna.study": study.study_name,
+                                   "optuna.storage": storage_label})
+            run = self.client.create_run(self.experiment_id, run_name=f"tune-{study.study_name}", tags=tags)
+            self._log_params(run.info.run_id, {f"tune.{k}": v for k, v in config.items()})
+            study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
+            return run.info.run_id
 
     def end_parent(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)

@@ -62,8 +62,9 @@ def test_failures_name_the_expectations_and_rows(tmp_path):
         ("train-manifest", "expect_column_values_to_be_unique", "sha256"),
         ("train-manifest", "expect_column_values_to_be_between", "width"),
         ("train-manifest", "expect_column_values_to_be_in_set", "label"),
-        ("train-classes", "expect_column_values_to_be_between", "ratio_to_mean"),
     }
+    # the train split's class balance is a warning (validate.class_balance_warn_splits), not a gate
+    assert [(w.suite, w.column) for w in result.warnings] == [("train-classes", "ratio_to_mean")]
     message = result.message()
     assert "\n" not in message
     for needle in ("bad0.png", "bad1.png", "reason=truncated", "16.7%", "at most 5.0% allowed", "img0.png",
@@ -133,11 +134,30 @@ def test_validate_command_gates_a_published_split(tmp_path, monkeypatch, capsys)
     src = tmp_path / "src"
     write_images(src, [*(f"a/{i}.png" for i in range(4)), "b/0.png"])
     monkeypatch.chdir(tmp_path)
-    assert main(["ingest", "--source", "src", "--store", "store", "--no-dvc", "--set", "ingest.size=16",
-                 "--set", "validate.class_balance_tolerance=2"]) == 0
+    assert main(["ingest", "--source", "src", "--store", "store", "--split", "test", "--no-dvc", "--set",
+                 "ingest.size=16", "--set", "validate.class_balance_tolerance=2"]) == 0
     capsys.readouterr()
-    assert main(["validate", "--store", "store", "--set", "validate.class_balance_tolerance=2"]) == 0
+    assert main(["validate", "--store", "store", "--split", "test", "--set", "validate.class_balance_tolerance=2"]) == 0
     assert json.loads(capsys.readouterr().out)["success"]
-    assert main(["validate", "--store", "store"]) == 2  # 4 vs 1 images: beyond +-50%
+    assert main(["validate", "--store", "store", "--split", "test"]) == 2  # 4 vs 1 images: beyond +-50%
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ratio_to_mean" in err and "b [" in err
+
+
+
+def test_class_balance_counts_labeled_images_only_and_gates_the_test_split_alone(tmp_path, capsys):
+    """A batch of a new class in a train split whose other classes are large: a warning (one line),
+    not a rejection; unlabeled images count for no class; the test split stays gated."""
+    labels = ["a"] * 8 + ["b"] * 8 + ["new"] + [None] * 40
+    train = validate(manifest=rows(labels), split="train", limits=LIMITS, cfg=CFG, classes=None,
+                     reports_dir=tmp_path)
+    assert train.success and [w.suite for w in train.warnings] == ["train-classes"]
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "new [" in warned[0] and "count=1]" in warned[0]
+    assert "class_balance_warn_splits" in warned[0]
+    balanced_but_unlabeled = rows(["a"] * 8 + ["b"] * 8 + [None] * 40)
+    assert not validate(manifest=balanced_but_unlabeled, split="train", limits=LIMITS, cfg=CFG, classes=None,
+                        reports_dir=tmp_path).warnings
+    test = validate(manifest=rows(labels).assign(split="test"), split="test", limits=LIMITS, cfg=CFG,
+                    classes=None, reports_dir=tmp_path)
+    assert not test.success and [f.suite for f in test.failures] == ["test-classes"]

@@ -145,10 +145,39 @@ def test_crop_of_left_and_top_half_of_gradients():
     # flipped: the left half read right to left
     out = resized_crop(cols, left, torch.tensor([True]), 4)
     torch.testing.assert_close(out, torch.arange(3.0, -1.0, -1.0).view(1, 1, 1, 4).expand(1, 3, 4, 4))
-    # upscaled x2: pixel centres at 0.5 i - 0.25 (align_corners=False), clamped at the border
+    # upscaled x2: pixel centres at 0.5 i - 0.25 (align_corners=False), clamped to the crop's
+    # edge pixels 0 and 3 (not to the image's: column 4 lies outside the box)
     out = resized_crop(cols, left, no, 8)
-    expected = (0.5 * torch.arange(8.0) - 0.25).clamp(min=0)
+    expected = (0.5 * torch.arange(8.0) - 0.25).clamp(min=0, max=3)
     torch.testing.assert_close(out[0, 0, 3], expected)
+
+
+@pytest.mark.parametrize("size", [5, 8, 23])
+def test_resized_crop_equals_crop_then_resize_in_float64(size):
+    """Pixel-aligned boxes, per image, on a non-square image: the same values as cropping the
+    box and resizing it (bilinear, align_corners=False), flipped where asked. The outermost
+    output pixels repeat the crop's edge pixels; clamping at the image border instead reads
+    up to half a pixel outside the box (errors of ~0.3 on random images)."""
+    g = torch.Generator().manual_seed(size)
+    h, w, b = 13, 11, 8
+    x = torch.rand(b, 3, h, w, generator=g, dtype=torch.float64)
+    cols = torch.sort(torch.randperm(w + 1, generator=g)[:2]).values
+    pix = []
+    for _ in range(b):  # integer pixel boxes (i0, j0, i1, j1): left, top, right, bottom edges
+        c = torch.sort(torch.randperm(w + 1, generator=g)[:2]).values.tolist()
+        r = torch.sort(torch.randperm(h + 1, generator=g)[:2]).values.tolist()
+        pix.append((c[0], r[0], c[1], r[1]))
+    pix[0] = (int(cols[0]), 0, int(cols[1]), h)  # full height
+    pix[1] = (0, 0, w, h)  # the whole image
+    pix[2] = (3, 4, 4, 5)  # a single pixel
+    boxes = torch.tensor([(i0 / w, j0 / h, i1 / w, j1 / h) for i0, j0, i1, j1 in pix], dtype=torch.float64)
+    flip = torch.rand(b, generator=g) < 0.5
+    out = resized_crop(x, boxes, flip, size)
+    for i, (i0, j0, i1, j1) in enumerate(pix):
+        crop = x[i:i + 1, :, j0:j1, i0:i1]
+        ref = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+        ref = ref.flip(-1) if flip[i] else ref
+        torch.testing.assert_close(out[i:i + 1], ref, rtol=0, atol=1e-12, msg=f"box {pix[i]}, flip {bool(flip[i])}")
 
 
 def test_crop_of_non_square_image():

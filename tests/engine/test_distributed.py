@@ -34,9 +34,13 @@ from sslflow.ssl_models.train import CHECKPOINT, Pretrainer
 WORLD = 2
 ALL_METHODS = STEP0_METHODS = tuple(sorted(METHODS))
 FLOAT64_STEPS = 3
+WITHOUT_BATCHNORM = {"mae"}  # a ViT encoder and decoder: LayerNorm only, nothing to sync
 GATHER_ROWS, GATHER_DIM = 3, 4
 # float32 with another summation order (per-rank sums, synced BN) differs by ~5e-5 of a
-# gradient's norm; a missing gradient path or unsynced statistics by orders of magnitude more
+# gradient's norm; a missing gradient path or unsynced statistics by orders of magnitude more.
+# Gradients are compared against the norm of the whole gradient (a BatchNorm bias whose
+# gradient nearly cancels has a tiny norm of its own: up to 4e-3 relative for rotation's and
+# MAE's ResNet stems at step 0), and the float64 trajectory test holds every method to 1e-6
 FLOAT32_TOL = 1e-3
 # float64: MoCo and DINO round their targets to float32, hence not 1e-12
 FLOAT64_TOL = 1e-6
@@ -59,12 +63,14 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30)) if b.norm() > 0 else float(a.norm())
 
 
-def _assert_close_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float) -> None:
+def _assert_close_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float,
+                          scale: float | None = None) -> None:
+    """Each tensor within `tol` of its own norm, or of `scale` (e.g. the whole gradient's norm)."""
     assert got.keys() == want.keys()
     for name, value in want.items():
         if value.is_floating_point():
             diff = float((got[name].double() - value.double()).norm())
-            assert diff <= tol * float(value.double().norm()) + ABS_TOL, \
+            assert diff <= tol * (scale if scale is not None else float(value.double().norm())) + ABS_TOL, \
                 f"{name}: relative error {_rel_err(got[name], value):.2e}"
         else:
             assert torch.equal(got[name], value), name
@@ -198,18 +204,21 @@ def test_two_ranks_equal_one_process_with_the_whole_batch_at_step_0(two_ranks, m
     """2 ranks x B == 1 process x 2B (float32): images, loss, gradients, the method's state after it."""
     single = _step0(method, str(demo_stores["train"]), tmp_path / "single")
     ranks = [res[method] for res in two_ranks]
-    assert all(r["sync_bn"] > 0 for r in ranks)  # BatchNorm is synced under DDP
+    if method not in WITHOUT_BATCHNORM:
+        assert all(r["sync_bn"] > 0 for r in ranks)  # BatchNorm is synced under DDP
     # each rank got its half of the global batch: disjoint and together the same images
     assert torch.equal(torch.cat([r["images"] for r in ranks]), single["images"])
     torch.testing.assert_close(ranks[0]["loss"], single["loss"], rtol=1e-5, atol=0)
-    _assert_close_tensors(ranks[0]["grads"], single["grads"], FLOAT32_TOL)
+    gradient_norm = float(torch.cat([g.double().flatten() for g in single["grads"].values()]).norm())
+    _assert_close_tensors(ranks[0]["grads"], single["grads"], FLOAT32_TOL, scale=gradient_norm)
     for name, grad in ranks[0]["grads"].items():  # DDP: the same averaged gradient on every rank
         assert torch.equal(grad, ranks[1]["grads"][name]), name
     for r in ranks:  # MoCo queue (the gathered keys), synced BN running statistics
         _assert_close_tensors(r["state"], single["state"], FLOAT32_TOL)
     if method == "simclr":  # the same check fails for negatives gathered without their gradients
         with pytest.raises(AssertionError, match="relative error"):
-            _assert_close_tensors(two_ranks[0]["simclr_dropping_gather"]["grads"], single["grads"], FLOAT32_TOL)
+            _assert_close_tensors(two_ranks[0]["simclr_dropping_gather"]["grads"], single["grads"], FLOAT32_TOL,
+                                  scale=gradient_norm)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -61,11 +61,14 @@ def reference_votes(train: torch.Tensor, labels: torch.Tensor, test: torch.Tenso
 
 
 def reference_accuracy(votes: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Top-1/top-5 in percent; asserts no test point's top-5 membership depends on tie-breaking."""
+    """Top-1/top-5 in percent, ranking only the classes that received a vote (a vote is > 0 in
+    float64 here); asserts no test point's top-5 membership depends on tie-breaking."""
     top1 = top5 = 0
     k = min(5, votes.shape[1])
     for v, y in zip(votes, labels, strict=True):
         top1 += int(v.argmax() == y)
+        if v[y] == 0:  # no neighbour of class y: not ranked, never a hit
+            continue
         greater = int((v > v[y]).sum())
         tied = int((v == v[y]).sum())  # includes y itself
         assert greater >= k or greater + tied <= k, "ambiguous top-5 (ties at the boundary)"
@@ -121,8 +124,6 @@ def test_knn_matches_brute_force(k: int, chunk: int | None, device: torch.device
     votes = knn_votes(train, y_train, test, k=k, temperature=t, num_classes=c, chunk_size=chunk)
     torch.testing.assert_close(votes.double().cpu(), ref, rtol=1e-4, atol=1e-6)
 
-    if k == 1:  # a single neighbour: every other class ties at 0, top-5 is tie-breaking
-        return
     got = knn_classify(train, y_train, test, y_test, k=k, temperature=t, num_classes=c, chunk_size=chunk)
     top1, top5 = reference_accuracy(ref, y_test)
     assert set(got) == {"knn_top1", "knn_top5"}
@@ -148,12 +149,34 @@ def test_knn_separated_clusters_is_perfect_and_shuffled_labels_are_chance() -> N
     assert 30.0 < res["knn_top5"] < 70.0  # chance is 50%
 
 
-def test_knn_top5_is_trivial_with_few_classes() -> None:
+def test_knn_top5_with_few_classes_counts_only_voted_classes() -> None:
+    """C <= 5: top-5 is the share of test points whose class got at least one of the k votes
+    (not 100 %, as ranking the unvoted classes too would give)."""
     g = torch.Generator().manual_seed(0)
-    train, test = torch.randn(40, 4, generator=g), torch.randn(20, 4, generator=g)
-    res = knn_classify(train, torch.randint(0, 3, (40,), generator=g), test,
-                       torch.randint(0, 3, (20,), generator=g), k=5)
-    assert res["knn_top5"] == 100.0
+    train, test = torch.randn(40, 4, generator=g), torch.randn(200, 4, generator=g)
+    y_train, y_test = torch.randint(0, 3, (40,), generator=g), torch.randint(0, 3, (200,), generator=g)
+    res = knn_classify(train, y_train, test, y_test, k=3)
+    voted = knn_votes(train, y_train, test, k=3, num_classes=3) > 0
+    expected = 100.0 * voted[torch.arange(200), y_test].double().mean().item()
+    assert res["knn_top5"] == pytest.approx(expected) and expected < 100.0
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_knn_top5_ranks_only_voted_classes_so_k1_top5_equals_top1(device: torch.device) -> None:
+    """With k=1 only the nearest neighbour's class has a vote: top-5 must equal top-1. Counting
+    the classes without a vote (all tied at 0) reported 75 % where 58 % is the truth."""
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 16, generator=g).to(device), torch.randn(200, 16, generator=g).to(device)
+    y_train = torch.randint(0, 10, (300,), generator=g).to(device)
+    y_test = torch.randint(0, 10, (200,), generator=g).to(device)
+    res = knn_classify(train, y_train, test, y_test, k=1, temperature=0.07, chunk_size=37)
+    assert 0.0 < res["knn_top1"] < 30.0  # random labels: about chance
+    assert res["knn_top5"] == res["knn_top1"]
+    # k=3: at most 3 voted classes, so top-5 = "the class is among the neighbours' classes"
+    res3 = knn_classify(train, y_train, test, y_test, k=3, temperature=0.07)
+    votes = knn_votes(train, y_train, test, k=3, temperature=0.07, num_classes=10)
+    among = (votes > 0)[torch.arange(200, device=device), y_test].double().mean().item()
+    assert res3["knn_top5"] == pytest.approx(100.0 * among)
 
 
 def test_knn_small_temperature_does_not_overflow() -> None:

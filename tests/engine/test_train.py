@@ -4,6 +4,7 @@ learning and bit-exact resume (also after kill -9): tests/engine/test_every_meth
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def _assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-def test_pretrain_writes_outputs_and_reports_metrics(tmp_path, demo_stores):
+def test_pretrain_writes_outputs_and_reports_metrics(tmp_path, demo_stores, capsys):
     train, test = ImageStore.open(demo_stores["train"]), ImageStore.open(demo_stores["test"])
     rec = Recorder()
     result = Pretrainer(train, fast_params(), tmp_path / "run", callbacks=[rec],
@@ -51,6 +52,11 @@ def test_pretrain_writes_outputs_and_reports_metrics(tmp_path, demo_stores):
     assert metrics["knn_top1_at_init"] == rec.epochs[0][1]["knn_top1"]
     assert len(rec.steps) == 10 and {"loss", "lr", "images_per_s"} <= set(rec.steps[0][1])
     assert result.metrics == metrics
+    # not a terminal: no bar, one progress line per epoch on stderr (epoch 0: the untrained encoder)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 3 and lines[0].startswith("epoch 0/2  kNN ") and "(random init)" in lines[0]
+    assert re.fullmatch(r"epoch 1/2  loss \d+\.\d{4}  kNN \d+\.\d\d  [\d,]+ img/s  ETA \w+", lines[1]), lines[1]
+    assert re.fullmatch(r"epoch 2/2  loss .* img/s  done in \w+", lines[2]), lines[2]
     # the exported encoder loads with plain PyTorch and matches the state dict
     exported = torch.export.load(run / "encoder.pt2").module()
     model, meta = load_encoder(run)
@@ -77,6 +83,27 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
     assert ckpt["position"]["step"] == 5  # the end of epoch 1; steps 1-5 were finite
     assert all(torch.isfinite(v).all() for v in ckpt["method"].values() if v.is_floating_point())
+
+
+def test_a_non_finite_batchnorm_buffer_never_reaches_the_last_good_checkpoint(tmp_path, demo_stores):
+    """BatchNorm statistics can overflow while the loss still looks finite: the checkpoint
+    check covers buffers, so the last good checkpoint keeps finite statistics."""
+    store = ImageStore.open(demo_stores["train"])
+    params = fast_params("pretrain.checkpoint_every=2", "pretrain.log_every=1", "pretrain.eval_every=0")
+    trainer = Pretrainer(store, params, tmp_path / "run", progress_bar=False)
+    bn = next(m for m in trainer.method.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+    class Overflow(Recorder):
+        def on_step(self, step, metrics):
+            if step >= 3:  # after the optimizer step: the loss of step 3 was finite
+                bn.running_var.fill_(float("inf"))
+
+    trainer.callbacks.append(Overflow())
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        trainer.fit()
+    saved = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert saved["position"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["method"].values() if v.is_floating_point())
 
 
 def test_resume_refuses_changed_params_and_existing_run(tmp_path, demo_stores):

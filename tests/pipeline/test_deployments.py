@@ -1,8 +1,11 @@
-"""Deployments against a real `prefect server start`: the retrain schedule creates scheduled runs."""
+"""Deployments against a real `prefect server start`: the retrain schedule creates scheduled runs;
+both documented ways to deploy (`sslflow deploy`, `prefect deploy` with prefect.yaml) work and
+point the deployments at the project directory they run in."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -40,8 +43,9 @@ def test_prefect_yaml_is_the_set_sslflow_deploy_builds():
 
     settings = fast_params()
     built = {}
-    for pool, d in build_deployments(settings, gpu=True):
+    for pool, d in build_deployments(settings, gpu=True, code_dir=REPO):  # the code of a checkout, as prefect.yaml
         assert d.parameters.pop("project") == str(settings.project)  # prefect.yaml: the directory it runs in
+        assert d.storage.to_pull_step()["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
         built[(d.entrypoint, d.name)] = {
             "pool": pool, "parameters": d.parameters, "job_variables": d.job_variables or {}, "tags": d.tags,
             "schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone} for s in d.schedules or []]}
@@ -55,6 +59,23 @@ def test_prefect_yaml_is_the_set_sslflow_deploy_builds():
     for key in built:
         assert in_yaml[key] == built[key], key
     assert built[("flows/pretrain.py:pretrain_flow", "gpu")]["parameters"]["host_overrides"] == ["device=cuda"]
+
+
+def test_deployments_point_at_the_project_and_take_its_code_only_from_a_checkout(tmp_path):
+    """A project that is not a checkout: module entrypoints (the worker's installed sslflow), working
+    directory = the project. A checkout: its own flow files, working directory = the checkout."""
+    from sslflow.flows.deployments import build_deployments, code_source
+
+    project = tmp_path / "project"
+    project.mkdir()
+    from sslflow.core.settings import load_settings
+
+    settings = load_settings([], ["device=cpu"], project=project)
+    assert code_source(project) is None and code_source(REPO) == REPO
+    for _, d in build_deployments(settings, gpu=True):
+        assert d.entrypoint.startswith("sslflow.flows.") and ":" not in d.entrypoint, d.entrypoint
+        step = d.storage.to_pull_step()["prefect.deployments.steps.set_working_directory"]
+        assert step["directory"] == str(project.resolve()) and d.parameters["project"] == str(project)
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +123,13 @@ def _wait_scheduled(env, name, timeout=30.0) -> dict:
 
 
 def test_sslflow_deploy_creates_a_scheduled_retrain_run(prefect_api, empty_project):
+    """Run in a project directory that is not a checkout (no SSLFLOW_PROJECT: the directory the
+    command runs in): every deployment works there, with the installed sslflow's flows."""
     from helpers import fast_params
 
     pp = fast_params().pipeline
-    out = subprocess.run([sys.executable, "-m", "sslflow.cli", "deploy", "--gpu"], cwd=REPO, env=prefect_api["env"],
+    env = {k: v for k, v in prefect_api["env"].items() if k != "SSLFLOW_PROJECT"}
+    out = subprocess.run([sys.executable, "-m", "sslflow.cli", "deploy", "--gpu"], cwd=empty_project, env=env,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "prefect worker start --pool sslflow-gpu" in out.stdout
@@ -115,8 +139,9 @@ def test_sslflow_deploy_creates_a_scheduled_retrain_run(prefect_api, empty_proje
     assert deps["retrain/nightly"]["pool"] == pp.work_pool
     assert deps["train/on-demand"]["crons"] == [] and deps["train/on-demand"]["scheduled"] == 0
     assert deps["tune/on-demand"]["pool"] == pp.work_pool and deps["tune/on-demand"]["crons"] == []
-    assert deps["tune/on-demand"]["entrypoint"] == "flows/tune.py:tune_flow"
-    assert str(REPO) in json.dumps(deps["retrain/nightly"]["pull"])  # the worker runs in this checkout
+    assert deps["tune/on-demand"]["entrypoint"] == "sslflow.flows.tune.tune_flow"
+    for d in deps.values():  # flow runs work in the project the command ran in
+        assert d["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(empty_project)}}]
     for name in GPU_DEPLOYMENTS:
         assert deps[name]["pool"] == pp.gpu_work_pool, (name, deps[name])
         assert deps[name]["job_variables"] == {"env": {"CUDA_VISIBLE_DEVICES": "0"}}, (name, deps[name])
@@ -124,6 +149,41 @@ def test_sslflow_deploy_creates_a_scheduled_retrain_run(prefect_api, empty_proje
                                                   "gpu_limit": "gpu"}
     assert deps["tune/gpu"]["parameters"]["overrides"][0] == "device=cuda"
     assert all(d["parameters"]["project"] == str(empty_project) for d in deps.values())  # the project it ran for
+
+
+def test_sslflow_deploy_in_a_checkout_runs_the_checkouts_flow_files(prefect_api, tmp_path):
+    """`sslflow deploy` run in a (second) checkout: its own flow files and directory, not the
+    checkout the package was installed from."""
+    clone = tmp_path / "checkout"
+    for part in ("flows", "sslflow", "tasks", "ssl_models"):
+        shutil.copytree(REPO / part, clone / part, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in prefect_api["env"].items() if k != "SSLFLOW_PROJECT"}
+    out = subprocess.run([sys.executable, "-m", "sslflow.cli", "deploy"], cwd=clone, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"code: the checkout {clone}" in out.stdout, out.stdout
+    deps = _deployments(prefect_api["env"])
+    assert deps["train/on-demand"]["entrypoint"] == "flows/train.py:train_flow"
+    assert deps["train/on-demand"]["pull"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(clone)}}]
+    assert deps["train/on-demand"]["parameters"]["project"] == str(clone)
+
+
+def test_prefect_deploy_by_name_as_prefect_yaml_documents(prefect_api):
+    """The command of prefect.yaml's comment: the process-pool deployments by name (no GPU pool needed)."""
+    env = prefect_api["env"]
+    yaml_text = (REPO / "prefect.yaml").read_text()
+    [line] = [ln for ln in yaml_text.splitlines() if ln.lstrip("# ").startswith("prefect deploy -n")]
+    args = line.lstrip("# ").split()[2:]
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "sslflow-process", "--type", "process"], env=env,
+                   capture_output=True, timeout=60)
+    t0 = time.time()
+    out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", *args], cwd=REPO,
+                         env={**env, "PWD": str(REPO)}, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    deps = {k: d for k, d in _deployments(env).items() if d["updated"] >= t0 - 1}
+    assert set(deps) == {"retrain/nightly", "train/on-demand", "tune/on-demand"}, deps
+    assert all(d["pool"] == "sslflow-process" for d in deps.values())
 
 
 def test_prefect_deploy_all_with_prefect_yaml(prefect_api):

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import FAST, fast_params
 from sslflow.core.errors import UserError
+from sslflow.tasks.data.versioning import dir_hash
 from sslflow.tasks.pipeline.decisions import TAG_TRAIN_IMAGES, retrain_decision
 
 DATA = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
@@ -66,6 +67,18 @@ def _drop_images(folder: Path, n: int, seed: int) -> None:
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"new_{seed}_{i}.png")
 
 
+def _flow_run_logs(flow_run_id) -> list[str]:
+    """The messages of a flow run's log (its task runs' too), once the log handler has sent them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
+
+
 # ------------------------------------------------------------------------------------ plain logic
 def test_retrain_decision_rules():
     assert not retrain_decision(120, 100, 50).train
@@ -90,18 +103,26 @@ def test_train_then_retrain_nothing_to_do_then_new_images(project):
     from sslflow.flows.retrain import retrain_flow
     from sslflow.flows.train import train_flow
 
-    out = train_flow(store="data/store", overrides=FLOW_SET, run_name="first")
+    state = train_flow(store="data/store", overrides=FLOW_SET, run_name="first", return_state=True)
+    out = state.result()
     assert out["decision"] == "promoted" and out["train_images"] == 40, out
+    # the pretraining's progress, one line per epoch, is in the flow-run log
+    logged = _flow_run_logs(state.state_details.flow_run_id)
+    assert [m.split("  ")[0] for m in logged if m.startswith("epoch ")] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
     assert {"knn_top1", "linear_top1"} <= set(out["metrics"])
     assert (project / "runs" / "first" / "evaluation.json").is_file()
     [mv] = _versions()
     assert mv.tags[TAG_TRAIN_IMAGES] == "40" and _champion().version == mv.version
     art = Artifact.get("train-report")
     assert art is not None and "| decision | **promoted** |" in art.data and "eval/linear_top1" in art.data
+    version = dir_hash(project / "data" / "store")  # no DVC here: the same hash, computed
+    assert f"**data version**: {version}" in art.data and out["data_version"] == version
 
     # nothing arrived since the champion was trained
     state = retrain_flow(overrides=[*FLOW_SET, "pipeline.min_new_images=10"], return_state=True)
     assert state.is_completed() and state.name == "NothingToDo", state
+    assert state.message.endswith(f"; compared data/store/train (40 images, data version {version[:8]}) with "
+                                  f"champion ssl-encoder v1 (trained on 40 images, data version {version[:8]})")
     assert state.result()["trained"] is False and state.result()["new_images"] == 0
     assert len(_versions()) == 1
 
@@ -112,6 +133,30 @@ def test_train_then_retrain_nothing_to_do_then_new_images(project):
     assert res["train"]["train_images"] == 52
     latest = max(_versions(), key=lambda v: int(v.version))
     assert latest.tags[TAG_TRAIN_IMAGES] == "52"
+
+
+def test_a_rejected_batch_is_set_aside_and_the_next_retrain_goes_on(project):
+    from sslflow.flows.retrain import retrain_flow
+    from sslflow.tasks.data.setaside import RECORD, BatchSetAside
+
+    incoming = project / "data" / "incoming"
+    _drop_images(incoming / "cats", 2, seed=5)
+    for i in range(3):
+        (incoming / "cats" / f"broken{i}.png").write_bytes(b"not an image")  # 3 of 5 quarantined: > 5%
+    overrides = [*FLOW_SET, "pipeline.min_new_images=1000"]
+    with pytest.raises(BatchSetAside) as e:
+        retrain_flow(overrides=overrides)
+    message = str(e.value)
+    assert "\n" not in message and "validate.max_quarantined_fraction" in message, message
+    [folder] = (project / "data" / "rejected").iterdir()
+    assert f"moved to {folder}/" in message and f"back to {incoming}/" in message
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == [
+        "cats/broken0.png", "cats/broken1.png", "cats/broken2.png", "cats/new_5_0.png", "cats/new_5_1.png"]
+    assert (folder / RECORD).is_file() and (folder / "train.json").is_file()  # the validation report
+    assert not any(incoming.rglob("*.png"))
+    # the next night: nothing to fail on
+    state = retrain_flow(overrides=overrides, return_state=True)
+    assert state.name == "NothingToDo" and "compared data/store/train (40 images" in state.message, state
 
 
 def test_overlapping_retrains_do_not_both_train(project):
@@ -133,7 +178,32 @@ def test_overlapping_retrains_do_not_both_train(project):
         t.join(timeout=300)
     names = sorted(s.name for s in states.values())
     assert names == ["Completed", "Skipped"], states
-    assert sum(bool(s.result()["trained"]) for s in states.values()) == 1
+    skipped = next(s for s in states.values() if s.name == "Skipped")
+    assert skipped.is_cancelled() and "holds the 'sslflow-retrain-overlap' slot" in skipped.message
+    assert len(_versions()) == 1
+
+
+def test_two_forced_retrains_train_once_even_when_the_second_gets_the_slot(project):
+    """The docs' promise, whatever the timing: the second run waits long enough to get the slot
+    after the first one trained, sees a version trained on this very data meanwhile, and does
+    not train it again."""
+    from sslflow.flows.retrain import retrain_flow
+
+    states = {}
+
+    def go(name):
+        states[name] = retrain_flow(overrides=[*FLOW_SET, "pipeline.lock=sslflow-retrain-wait",
+                                               "pipeline.lock_timeout_s=600"],
+                                    force=True, run_name=name, return_state=True)
+
+    threads = [threading.Thread(target=go, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    results = {s.name: s.result() for s in states.values()}
+    assert sorted(results) == ["Completed", "NothingToDo"], states
+    assert "while this run waited for the slot" in results["NothingToDo"]["reason"]
     assert len(_versions()) == 1
 
 
@@ -142,13 +212,14 @@ def test_retrain_waits_for_the_slot_held_elsewhere(project):
     does not train."""
     from prefect.concurrency.sync import concurrency
 
-    from sslflow.flows.retrain import ensure_limit, retrain_flow
+    from sslflow.flows.retrain import retrain_flow
+    from sslflow.tasks.pipeline.slot import ensure_limit
 
     ensure_limit("sslflow-retrain-held", 1)
     with concurrency("sslflow-retrain-held", occupy=1, strict=True):
         state = retrain_flow(overrides=[*FLOW_SET, "pipeline.lock=sslflow-retrain-held",
                                         "pipeline.lock_timeout_s=1"], force=True, return_state=True)
-    assert state.name == "Skipped" and "holds" in state.result()["reason"]
+    assert state.name == "Skipped" and state.is_cancelled() and "holds" in state.message
     assert _versions() == []
 
 

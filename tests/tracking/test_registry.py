@@ -11,6 +11,7 @@ from helpers import fast_params
 from sslflow.core.errors import UserError
 from sslflow.core.sections import PromotionConfig
 from sslflow.core.settings import load_settings
+from sslflow.ssl_models.errors import ConfigError
 from sslflow.tasks.tracking.registry import (
     CHALLENGER,
     CHAMPION,
@@ -106,11 +107,17 @@ def test_first_model_promotes_and_loads_as_champion(registry, demo_stores):
         got = model(x)
     assert got.shape == (5, meta["feature_dim"])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    # signature, input example of batch >= 2, metadata
+    # the served signature (image bytes or paths in, embeddings out), an input example of >= 2 images
     assert info.signature is not None
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, 3, 16, 16], (-1, 3, 16, 16))
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image", "path"]
+    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, meta["feature_dim"]],
+                                                                           (-1, meta["feature_dim"]))
     example = mlflow.models.Model.load(local).load_input_example(local)
-    assert isinstance(example, np.ndarray) and example.shape[0] >= 2
+    assert list(example.columns) == ["image"] and len(example) >= 2
+    with pytest.MonkeyPatch.context() as mp:  # the pyfunc flavor: the same features from image bytes
+        mp.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+        served = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(example)
+    assert served.shape == (len(example), meta["feature_dim"]) and np.isfinite(served).all()
     assert info.metadata["mean"] == list(meta["mean"]) and info.metadata["image_size"] == 16
 
 
@@ -219,7 +226,10 @@ def test_decide_min_delta_zero_still_needs_strictly_better():
 
 
 def test_missing_promotion_metric_is_a_user_error(registry):
-    tp = load_settings([], ["promotion.metric=finetune_top1"])
+    with pytest.raises(ConfigError, match=r"promotion\.metric"):  # refused before pretraining ...
+        load_settings([], ["promotion.metric=finetune_top1", "eval.protocols=[knn, linear]"])
+    # ... and, should a report still lack it, at registration
+    tp = load_settings([], ["promotion.metric=finetune_top1", "eval.protocols=[knn, linear, finetune]"])
     report = dataclasses.replace(registry["report"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", registry["uri"])

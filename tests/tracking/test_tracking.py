@@ -119,6 +119,57 @@ def test_artifacts(tracked):
     assert (tracked["tmp"] / "mlartifacts").is_dir()
 
 
+def test_dataset_inputs_and_top_level_metrics(tracked):
+    """The Dataset column of the MLflow runs table: the train split (training) and the test split
+    (evaluation), digest = the data version; the evaluation's top-1 under their plain names."""
+    import json
+
+    run = tracked["client"].get_run(tracked["run_id"])
+    inputs = {tag.value: di.dataset for di in run.inputs.dataset_inputs for tag in di.tags
+              if tag.key == "mlflow.data.context"}
+    assert set(inputs) == {"training", "evaluation"}
+    train, test = inputs["training"], inputs["evaluation"]
+    assert train.digest == test.digest == "abc123.dir"
+    assert train.name.endswith("train") and test.name.endswith("test") and train.source_type == "local"
+    assert json.loads(train.source)["uri"].startswith("file://")
+    assert json.loads(train.profile)["num_rows"] == 160 and json.loads(test.profile)["num_rows"] == 80
+    features = json.loads(json.loads(train.schema)["mlflow_tensorspec"]["features"])
+    assert features[0]["name"] == "image" and features[0]["tensor-spec"]["shape"] == [-1, 16, 16, 3]
+    metrics, report = run.data.metrics, tracked["report"].metrics
+    for key in ("knn_top1", "linear_top1"):
+        assert metrics[key] == pytest.approx(report[key])
+
+
+def test_runs_command_lists_method_data_version_accuracy_decision_and_alias(tracked, monkeypatch, capsys):
+    from sslflow.cli import main
+
+    client = tracked["client"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked["uri"])
+    experiment = client.get_run(tracked["run_id"]).info.experiment_id
+    later = client.create_run(experiment, run_name="registered", start_time=int(time.time() * 1000) + 60_000,
+                              tags={"method": "byol", "data_version": "feedbeef0123.dir", "model_version": "1",
+                                    "promotion.decision": "promoted"})
+    client.log_metric(later.info.run_id, "knn_top1", 81.234)
+    client.log_metric(later.info.run_id, "linear_top1", 90.5)
+    client.set_terminated(later.info.run_id)
+    client.create_registered_model("runs-test-encoder")
+    client.create_model_version("runs-test-encoder", f"runs:/{later.info.run_id}/encoder", run_id=later.info.run_id)
+    client.set_registered_model_alias("runs-test-encoder", "champion", "1")
+
+    args = ["runs", "--set", "tracking.experiment=test-tracking", "--set", "tracking.model_name=runs-test-encoder"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "started", "method", "data", "kNN", "linear", "decision", "model"]
+    newest, tiny = lines[1].split(), lines[2].split()
+    assert newest[0] == "registered" and newest[3:] == ["byol", "feedbeef", "81.23", "90.50", "promoted", "v1",
+                                                         "champion"]
+    knn, linear = tracked["report"].metrics["knn_top1"], tracked["report"].metrics["linear_top1"]
+    assert tiny[0] == "tiny" and tiny[3:] == ["simclr", "abc123.d", f"{knn:.2f}", f"{linear:.2f}", "-", "-"]
+    assert "2 newest of experiment 'test-tracking'" in lines[3]
+    assert main(["runs", "--set", "tracking.experiment=nothing-here"]) == 0
+    assert "no runs yet" in capsys.readouterr().out
+
+
 def test_failed_body_marks_run_failed(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

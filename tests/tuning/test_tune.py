@@ -16,7 +16,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from helpers import FAST, fast_params
+from helpers import FAST, fast_params, saturated_cpu
 from sslflow.core.settings import load_settings
 from sslflow.ssl_models.errors import ConfigError
 from sslflow.tasks.tuning.space import as_overrides, sample, search_space, write_best_params
@@ -131,8 +131,9 @@ def test_online_knn_matches_classes_by_name_not_by_index(demo_stores, tmp_path: 
 
     train, test = ImageStore.open(demo_stores["train"]), ImageStore.open(demo_stores["test"])
     reordered = ImageStore.create(tmp_path / "reordered", test.height, test.width)
-    reordered.publish([], list(reversed(test.classes)))
-    reordered.add(test.images(), [test.classes[i] for i in test.labels()])
+    with reordered.writing():
+        reordered.publish([], list(reversed(test.classes)))
+        reordered.add(test.images(), [test.classes[i] for i in test.labels()])
     assert reordered.classes != train.classes
     params = fast_params()
     knn = [Pretrainer(train, params, tmp_path / f"r{i}", eval_stores=(train, t), progress_bar=False).online_knn()
@@ -307,11 +308,12 @@ def test_two_workers_share_one_study_on_postgresql(demo_stores, postgres_url: st
         store = demo_stores["train"].parent
         env = {"MLFLOW_TRACKING_URI": mlflow_uri}
         workers = []
-        for i in range(2):
-            (tmp_path / f"w{i}").mkdir()
-            workers.append(_start_worker(tmp_path / f"w{i}", store, postgres_url, "shared", trials=4, budget=1,
-                                         env=env))
-        outs = [w.communicate(timeout=300)[0] for w in workers]
+        with saturated_cpu(1):  # under load the second worker starts seconds late: the parent race
+            for i in range(2):
+                (tmp_path / f"w{i}").mkdir()
+                workers.append(_start_worker(tmp_path / f"w{i}", store, postgres_url, "shared", trials=4,
+                                             budget=1, env=env))
+            outs = [w.communicate(timeout=400)[0] for w in workers]
         assert [w.returncode for w in workers] == [0, 0], "\n".join(outs)
 
         study = optuna.load_study(study_name="shared", storage=postgres_url)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from sslflow.core.project import PARAMS_FILE
 from sslflow.core.settings import Settings, load_settings
+
+#: Commands that train: without a settings file they would run the full-scale GPU configuration.
+TRAINING_COMMANDS = frozenset({"run", "retrain", "tune"})
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,5 +25,15 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """The command's settings, loaded once: defaults -> --params (or params.yaml) -> --set."""
-    return load_settings(args.params, args.overrides, project=args.project)
+    """The command's settings, loaded once: defaults -> --params (or params.yaml) -> --set.
+
+    A training command in a project without `params.yaml` says so in one line: every entry
+    point then runs the same built-in (GPU-sized) defaults, and the user learns how to get the
+    CPU demo profile instead of waiting hours."""
+    settings = load_settings(args.params, args.overrides, project=args.project)
+    command = getattr(args, "command", None)
+    if command in TRAINING_COMMANDS and args.params is None and not (settings.project / PARAMS_FILE).is_file():
+        print(f"sslflow {command}: {settings.project} has no {PARAMS_FILE}: using the built-in defaults (the "
+              "full-scale GPU configuration); for the CPU demo profile copy the repository's params.yaml "
+              "there, or pass --params params/profiles/demo-<method>.yaml", file=sys.stderr)
+    return settings

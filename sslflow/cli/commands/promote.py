@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sslflow.cli.commands.common import add_params_arguments, settings_from
+from sslflow.core.secrets import redact_uri
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or settings.tracking.model_name
     d = promote_by_hand(name, args.version, MlflowClient(tracking_uri=uri))
     previous = f"; version {d.champion_version} is now 'previous'" if d.champion_version else ""
-    print(f"{name} version {d.version} is now 'champion' ({uri}){previous}")
+    print(f"{name} version {d.version} is now 'champion' ({redact_uri(uri)}){previous}")
     return 0

@@ -12,7 +12,6 @@ runs/, reports/.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -31,17 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslflow.core.project import PARAMS_FILE
+    from sslflow.core.project import run_name
     from sslflow.tasks.data.ingest import ingest
     from sslflow.tasks.tracking.backend import check_tracking_server, resolve_tracking_uri
     from sslflow.tasks.tracking.run import backbone_label
 
     settings = settings_from(args)  # bad settings: one line, before anything runs
+    name = run_name(args.run_name)
     project = settings.project
     project.mkdir(parents=True, exist_ok=True)
-    if args.params is None and not (project / PARAMS_FILE).is_file():
-        print(f"sslflow run: {project} has no {PARAMS_FILE}: using the built-in defaults (the full-scale GPU "
-              "configuration); for the quick CPU demo copy the repository's params.yaml there", file=sys.stderr)
+    settings.path(settings.pipeline.incoming).mkdir(parents=True, exist_ok=True)  # where retrain looks next
     check_tracking_server(resolve_tracking_uri(settings), settings.tracking.preflight_timeout_s)
     store = settings.path(settings.pipeline.store)
     reports = settings.path(settings.pipeline.reports)
@@ -52,12 +50,14 @@ def run(args: argparse.Namespace) -> int:
         data_version = summary.data_version
         print(f"ingest {split}: {summary.accepted} new images, {summary.total_in_store} in the store")
 
+    from sslflow.cli.temporary_server import prefect_api
     from sslflow.flows.train import train_flow
 
     t0 = time.perf_counter()
-    result = train_flow(store=str(store), params_files=args.params, overrides=list(args.overrides),
-                        run_name=args.run_name or time.strftime("%Y%m%d-%H%M%S"), protocols=["knn", "linear"],
-                        data_version=data_version, progress_bar=not args.no_progress, project=str(project))
+    with prefect_api():
+        result = train_flow(store=str(store), params_files=args.params, overrides=list(args.overrides),
+                            run_name=name, data_version=data_version, progress_bar=not args.no_progress,
+                            project=str(project))
     minutes = (time.perf_counter() - t0) / 60
     pm = result["pretrain_metrics"]
     print(f"\n{settings.pretrain.method} / {backbone_label(settings)}, {settings.pretrain.epochs} epochs, "

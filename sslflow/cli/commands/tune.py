@@ -51,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
         _print(result.to_dict())
         return 0
 
+    from sslflow.cli.temporary_server import prefect_api
     from sslflow.flows.tune import tune_flow
 
-    summary = tune_flow(params_files=args.params, overrides=list(args.overrides), store=args.store,
-                        project=str(settings.project), **options)
+    with prefect_api():
+        summary = tune_flow(params_files=args.params, overrides=list(args.overrides), store=args.store,
+                            project=str(settings.project), **options)
     _print(summary["tune"])
     if summary["trained"]:
         t = summary["train"]

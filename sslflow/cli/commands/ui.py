@@ -12,6 +12,7 @@ import sys
 
 from sslflow.cli.commands.common import add_params_arguments, settings_from
 from sslflow.core.env import child_env
+from sslflow.core.secrets import redact_uri
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +31,7 @@ def command(args: argparse.Namespace) -> list[str]:
 
     uri = resolve_tracking_uri(settings_from(args))
     if uri.startswith(("http://", "https://")):
-        raise UserError(f"the tracking URI {uri} is a server: open it in a browser")
+        raise UserError(f"the tracking URI {redact_uri(uri)} is a server: open it in a browser")
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
         raise UserError(f"no MLflow database at {db}: run `sslflow run` first (or pass --project)")
