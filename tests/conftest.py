@@ -15,8 +15,14 @@ def empty_project(tmp_path_factory) -> Path:
     """Every test, and every sslflow process it starts, works in an empty project directory
     (`SSLFLOW_PROJECT`): built-in defaults plus what the test sets, nothing written into the
     checkout. A test that needs another project passes `--project` / `project=`."""
+    import importlib
     import os
 
+    # Prefect's console log handler binds to sys.stderr when prefect is first imported: import it
+    # here, before any test, so it writes to the session's capture and not to the capsys stream of
+    # the first test that runs a flow in-process (closed after it: every later flow's logging failed).
+    importlib.import_module("sslflow")  # first: its environment defaults for Prefect
+    importlib.import_module("prefect")
     project = tmp_path_factory.mktemp("project")
     old = os.environ.get("SSLFLOW_PROJECT")
     os.environ["SSLFLOW_PROJECT"] = str(project)

@@ -298,12 +298,14 @@ def stack() -> Iterator[Stack]:
     try:
         yield st
     finally:
-        if st.started:
-            st.run("down", timeout=180, check=False)
-        shutil.rmtree(state, ignore_errors=True)
-        if is_root():
-            for key in ("SERVICE_OS_USER", "WORKER_OS_USER"):
-                delete_user(config[key])
+        try:
+            if st.started:
+                st.run("down", timeout=180, check=False)
+        finally:  # also when `down` hangs: delete_user kills what the accounts still run
+            shutil.rmtree(state, ignore_errors=True)
+            if is_root():
+                for key in ("SERVICE_OS_USER", "WORKER_OS_USER"):
+                    delete_user(config[key])
 
 
 @pytest.fixture(scope="session")

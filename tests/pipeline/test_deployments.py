@@ -104,7 +104,7 @@ with get_client(sync_client=True) as c:
 """
 
 GPU_DEPLOYMENTS = {"pretrain/gpu", "train/gpu", "tune/gpu"}
-ALL_DEPLOYMENTS = {"retrain/nightly", "train/on-demand", "tune/on-demand"} | GPU_DEPLOYMENTS
+ALL_DEPLOYMENTS = {"retrain/nightly", "train/on-demand", "tune/on-demand", "embed/on-demand"} | GPU_DEPLOYMENTS
 
 
 def _deployments(env) -> dict:

@@ -290,7 +290,7 @@ def test_a_missing_store_is_pulled_with_dvc_at_the_version_asked_for(tmp_path, m
 
     from sslflow.core.errors import UserError
     from sslflow.tasks.data.availability import ensure_store
-    from sslflow.tasks.data.versioning import dir_hash, store_data_version
+    from sslflow.tasks.data.versioning import IGNORED, dir_hash, store_data_version
 
     root = tmp_path / "checkout"
     store = root / "data" / "store"
@@ -301,6 +301,7 @@ def test_a_missing_store_is_pulled_with_dvc_at_the_version_asked_for(tmp_path, m
     with repo.config.edit() as conf:
         conf["remote"]["shared"] = {"url": str(tmp_path / "remote")}
         conf["core"]["remote"] = "shared"
+    (root / ".dvcignore").write_text(IGNORED + "\n")  # what ingest writes: DVC hashes the store as dir_hash
     repo.add(str(store))
     repo.push()
     repo.close()

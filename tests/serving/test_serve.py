@@ -41,7 +41,10 @@ def registry(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         try:
-            with mlflow.start_run():
+            # an explicit experiment of this database: the fluent API may still hold the active
+            # experiment id of another test's database
+            experiment = mlflow.MlflowClient(uri).create_experiment("serve")
+            with mlflow.start_run(experiment_id=experiment):
                 info = log_encoder(tmp / "run")
             version = register_encoder(info.model_uri, NAME).version
             mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", version)

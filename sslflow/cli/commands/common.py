@@ -8,8 +8,10 @@ import sys
 from sslflow.core.project import PARAMS_FILE
 from sslflow.core.settings import Settings, load_settings
 
-#: Commands that train: without a settings file they would run the full-scale GPU configuration.
-TRAINING_COMMANDS = frozenset({"run", "retrain", "tune"})
+#: Commands that say so when the project has no settings file (they would train the full-scale
+#: GPU configuration). Only `run`, the quickstart's command: the others keep their error output
+#: to one line (their docs and `sslflow settings` show the resolved values).
+TRAINING_COMMANDS = frozenset({"run"})
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
