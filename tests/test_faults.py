@@ -553,3 +553,16 @@ def test_splits_of_two_sizes_are_refused_and_an_encoder_at_another_size_warns(ca
     with caplog.at_level("WARNING", logger="sslflow"):
         check_sizes({"image_size": 32}, at(16), at(16))
     assert "trained on 32 px images and is evaluated on 16 px" in caplog.text
+
+
+def test_a_prefect_api_answering_5xx_is_a_service_outage_in_one_line():
+    import httpx
+
+    from sslflow.cli import _prefect_server_error
+
+    request = httpx.Request("GET", "http://alice:s3cret@127.0.0.1:4200/api/flow_runs/filter")
+    outage = httpx.HTTPStatusError("down", request=request, response=httpx.Response(503, request=request))
+    line = _prefect_server_error(outage)
+    assert line is not None and "503" in line and "s3cret" not in line
+    not_found = httpx.HTTPStatusError("404", request=request, response=httpx.Response(404, request=request))
+    assert _prefect_server_error(not_found) is None and _prefect_server_error(ValueError("x")) is None

@@ -78,3 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sslflow {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        down = _prefect_server_error(e)
+        if down is None:
+            raise
+        print(f"sslflow {args.command}: error: {down}", file=sys.stderr)
+        return 3
+
+
+def _prefect_server_error(error: BaseException) -> str | None:
+    """One line for a Prefect API that answers 5xx after the client's retries (its database is
+    down: a service outage, exit 3, not a bug); None for anything else."""
+    import httpx
+
+    from sslflow.core.secrets import redact_uri
+
+    if isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500:
+        api = redact_uri(str(error.request.url.copy_with(path="/api", query=None)))
+        return (f"the Prefect API at {api} answered "
+                f"{error.response.status_code} (its database may be down): retry when it is healthy")
+    return None
