@@ -72,3 +72,23 @@ def cifar10_root(tmp_path_factory) -> Path:
     with tarfile.open(CIFAR10_ARCHIVE) as tar:
         tar.extractall(root, filter="data")
     return root / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_live_streams():
+    """After each test, point log handlers left on a closed stream (a capsys stream that a
+    handler created during that test bound to, e.g. by Prefect's logging setup inside a server
+    harness) back to the session's stderr, so later tests' flow logging still works."""
+    import logging
+    import sys
+
+    yield
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                handler.setStream(sys.stderr)
+                console = getattr(handler, "console", None)  # Prefect's rich console writes to its own file
+                if console is not None:
+                    console.file = sys.stderr

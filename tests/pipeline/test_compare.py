@@ -24,11 +24,16 @@ def prefect_server(tmp_path_factory):
     machine needs more than the 90 s the CLI's own temporary server waits)."""
     import os
 
+    old = os.environ.get("PREFECT_HOME")
     os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            yield
+    finally:  # later modules keep their own Prefect home
+        if old is None:
+            os.environ.pop("PREFECT_HOME", None)
 
 
 @pytest.fixture
@@ -46,12 +51,12 @@ def project(tmp_path, monkeypatch, prefect_server):
     return tmp_path
 
 
-def test_compare_trains_children_of_one_parent_and_tables_them(project, capsys):
+def test_compare_trains_children_of_one_parent_and_tables_them(project, capfd):
     from mlflow import MlflowClient
 
     code = main(["compare", "--methods", "simclr,vae", "--epochs", "1", "--run-name", "cmp", "--no-progress",
                  "--report", str(project / "report"), "--project", str(project), *FAST_SET])
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()  # capfd: Prefect's log handler must not bind to a per-test stream
     assert code == 0, out + err
     table = out[out.index("method "):]
     assert "random-init kNN" in table and "linear top-1" in table and "images/s" in table
