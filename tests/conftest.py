@@ -88,7 +88,7 @@ def _log_handlers_on_live_streams():
         for handler in getattr(logger, "handlers", []):
             stream = getattr(handler, "stream", None)
             if stream is not None and getattr(stream, "closed", False):
-                handler.setStream(sys.stderr)
+                handler.stream = sys.stderr  # not setStream: it flushes the closed stream first
                 console = getattr(handler, "console", None)  # Prefect's rich console writes to its own file
                 if console is not None:
                     console.file = sys.stderr
