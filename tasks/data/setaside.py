@@ -11,7 +11,6 @@ after all: fix it (or choose the override), and move its files back into the inc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sslflow.core.errors import UserError
+from sslflow.ssl_models.store import file_sha256
 
 RECORD = "REJECTED.json"
 
@@ -59,14 +59,6 @@ def override_for(failures: list[Any]) -> str:
     return "the validate.* setting of the failed expectation (docs/data.md)"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def batch_files(incoming: Path, known: set[str] | dict[str, Any]) -> list[Path]:
     """Regular files under `incoming` (links not followed) whose bytes are not in the store."""
     out = []
@@ -74,7 +66,7 @@ def batch_files(incoming: Path, known: set[str] | dict[str, Any]) -> list[Path]:
         dirnames.sort()
         for name in sorted(files):
             p = Path(dirpath) / name
-            if p.is_file() and not p.is_symlink() and _sha256(p) not in known:
+            if p.is_file() and not p.is_symlink() and file_sha256(p) not in known:
                 out.append(p)
     return out
 
