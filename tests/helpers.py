@@ -62,6 +62,11 @@ def tiny_heads() -> list[str]:
 FAST = [*FAST_BASE, *tiny_heads()]
 
 
+#: `--set` list for a tiny demo store (40 train / 20 test images of 16 px), no DVC.
+TINY_DEMO = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
+             "ingest.workers=1", "versioning.dvc=off", "validate.class_balance_tolerance=1.0"]
+
+
 def fast_overrides(*overrides: str) -> list[str]:
     return [*FAST, *overrides]
 

@@ -13,9 +13,9 @@ lease expires:
 - a temporary local server (no `PREFECT_API_URL`) runs no repossessor, and its leases would die
   with it while the slot stays taken: sslflow stores leases on disk
   (`PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE`, see `sslflow.core.env`) and, before waiting,
-  revokes the expired ones of its own limit that it can see there, one reaper at a time (a
-  server's repossessor doing the same at once is harmless: a decrement stops at 0, and the
-  limit has one slot).
+  revokes the expired ones of its own limit that it can see there, before and every
+  `REAP_EVERY_S` during its wait, one reaper at a time (a server's repossessor doing the same
+  at once is harmless: a decrement stops at 0, and the limit has one slot).
 
 So a killed retrain blocks the next ones for at most `lease_s` (+15 s), never forever.
 """
@@ -32,6 +32,7 @@ from typing import Any
 log = logging.getLogger("sslflow")
 
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+REAP_EVERY_S = 10.0  # while waiting for the slot, look for expired leases this often
 
 
 class SlotBusy(Exception):
@@ -56,18 +57,26 @@ def ensure_limit(name: str, limit: int = 1) -> None:
 
 @contextmanager
 def retrain_slot(name: str, timeout_s: float, lease_s: float) -> Iterator[float]:
-    """Hold the one slot of limit `name` (created on first use); yields the seconds waited."""
+    """Hold the one slot of limit `name` (created on first use); yields the seconds waited.
+
+    The wait is cut into turns of at most `REAP_EVERY_S`, and expired leases are reaped before
+    each turn: a holder killed while this run waits frees the slot within this very wait."""
     from prefect.concurrency.sync import concurrency
 
     ensure_limit(name, 1)
-    reap_expired_leases(name)
     t0 = time.monotonic()
-    slot = concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=lease_s)
-    try:
-        slot.__enter__()
-    except TimeoutError:
-        raise SlotBusy(f"another retrain run holds the {name!r} slot (waited {timeout_s:g} s; a holder that "
-                       f"died frees it within pipeline.lock_lease_s = {lease_s:g} s)") from None
+    deadline = t0 + timeout_s
+    while True:
+        reap_expired_leases(name)
+        turn = max(min(REAP_EVERY_S, deadline - time.monotonic()), 0.5)
+        slot = concurrency(name, occupy=1, timeout_seconds=turn, strict=True, lease_duration=lease_s)
+        try:
+            slot.__enter__()
+            break
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise SlotBusy(f"another retrain run holds the {name!r} slot (waited {timeout_s:g} s; a holder "
+                               f"that died frees it within pipeline.lock_lease_s = {lease_s:g} s)") from None
     try:
         yield time.monotonic() - t0
     finally:

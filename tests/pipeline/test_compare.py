@@ -9,11 +9,10 @@ import math
 
 import pytest
 
-from helpers import FAST
+from helpers import FAST, TINY_DEMO
 from sslflow.cli import main
 
-DATA = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
-        "ingest.workers=1", "versioning.dvc=off", "validate.class_balance_tolerance=1.0"]
+DATA = TINY_DEMO
 FAST_SET = [a for s in [*FAST, "eval.knn_k=5", "eval.linear_epochs=2", "tracking.embedding_map=false",
                         "tracking.augment_grid_images=0"] for a in ("--set", s)]
 

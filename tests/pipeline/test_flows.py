@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import FAST, fast_params
+from helpers import FAST, TINY_DEMO, fast_params
 from sslflow.core.errors import UserError
 from sslflow.tasks.data.versioning import dir_hash
 from sslflow.tasks.pipeline.decisions import TAG_TRAIN_IMAGES, retrain_decision
 
-DATA = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
-        "ingest.workers=1", "versioning.dvc=off", "validate.class_balance_tolerance=1.0"]
+DATA = TINY_DEMO
 FLOW_SET = [*FAST, *DATA, "eval.knn_k=5", "tracking.embedding_map=false", "tracking.augment_grid_images=0",
             "pipeline.retries=1", "pipeline.retry_delay_s=0.1"]
-
-
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One temporary Prefect server for the whole session (15-25 s to start)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    os.environ.setdefault("PREFECT_HOME", str(home))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch, prefect_server):
-    """A project directory with a tiny ingested demo store (40 train / 20 test, 16 px) and
-    its own MLflow database."""
-    from sslflow.tasks.data.ingest import ingest
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SSLFLOW_PROJECT", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    settings = fast_params(*DATA)
-    for split in ("train", "test"):
-        ingest("demo", tmp_path / "data" / "store", split, settings=settings, reports_dir=tmp_path / "reports")
-    return tmp_path
 
 
 def _versions(model="ssl-encoder"):

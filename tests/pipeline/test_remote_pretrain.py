@@ -23,10 +23,9 @@ from typing import Any
 
 import pytest
 
-from helpers import BIN, FAST, REPO, prefect_server, stop_process_group
+from helpers import BIN, FAST, REPO, TINY_DEMO, prefect_server, stop_process_group
 
-DATA = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
-        "ingest.workers=1", "versioning.dvc=off", "validate.class_balance_tolerance=1.0"]
+DATA = TINY_DEMO
 FLOW_SET = [*FAST, *DATA, "pretrain.epochs=2", "eval.knn_k=5", "eval.protocols=[knn]",
             "promotion.metric=knn_top1", "tracking.embedding_map=false", "tracking.augment_grid_images=0",
             "pipeline.retries=0"]

@@ -7,11 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import test_flows
 from test_flows import FLOW_SET, _versions
-
-# the flow tests' fixtures: a temporary Prefect server, a project with a tiny ingested demo store
-prefect_server, project = test_flows.prefect_server, test_flows.project
 
 
 def _write(folder: Path, images: np.ndarray, labels: np.ndarray, tag: str) -> None:

@@ -31,14 +31,13 @@ from typing import Any
 
 import pytest
 
-from helpers import FAST
+from helpers import FAST, TINY_DEMO
 from services import Stack, is_root
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
-DATA = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
-        "ingest.workers=1", "validate.class_balance_tolerance=1.0", "versioning.dvc=off"]
+DATA = TINY_DEMO
 FLOW_SET = [*FAST, *DATA, "eval.knn_k=5", "eval.protocols=[knn]", "promotion.metric=knn_top1",
             "tracking.embedding_map=false", "tracking.augment_grid_images=0", "pipeline.retries=0",
             "pretrain.eval_every=0", "pretrain.export=false",

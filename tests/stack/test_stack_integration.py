@@ -26,14 +26,13 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from helpers import FAST, saturated_cpu
+from helpers import FAST, TINY_DEMO, saturated_cpu
 from services import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
-DATA = ["ingest.size=16", "ingest.min_side=8", "ingest.demo_train_per_class=4", "ingest.demo_test_per_class=2",
-        "ingest.workers=1", "validate.class_balance_tolerance=1.0"]
+DATA = [a for a in TINY_DEMO if a != "versioning.dvc=off"]  # the stack versions with DVC
 SET = [*FAST, *DATA, "eval.knn_k=5", "tracking.embedding_map=false", "tracking.augment_grid_images=0",
        "pipeline.retries=1", "pipeline.retry_delay_s=0.1", "pipeline.min_new_images=1"]
 MODEL = "ssl-encoder"
