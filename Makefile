@@ -9,8 +9,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 TORCH_INDEX ?=
+# pytest-xdist workers of `make test` (the service-stack tests share one: tests/conftest.py)
+TEST_WORKERS ?= 2
 
-.PHONY: demo ui test lint bench bench-cpu bench-methods clean
+.PHONY: demo ui test test-all lint bench bench-cpu bench-methods clean
 
 $(BIN)/sslflow: pyproject.toml setup.py requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +30,11 @@ ui: $(BIN)/sslflow              ## MLflow UI on ./mlflow.db
 
 test: $(BIN)/sslflow            ## the whole test suite
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+
+test-all: $(BIN)/sslflow        ## the suite plus the extended checks (the full demo job, kill -9 of every method)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 -m "extended or not extended"
 
 lint: $(BIN)/sslflow
 	$(BIN)/ruff check .

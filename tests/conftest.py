@@ -92,3 +92,25 @@ def _log_handlers_on_live_streams():
                 console = getattr(handler, "console", None)  # Prefect's rich console writes to its own file
                 if console is not None:
                     console.file = sys.stderr
+
+
+#: fixtures of the one native service stack a test session starts (tests/services.py): every
+#: test that uses one runs on the same pytest-xdist worker, so the stack is started once
+STACK_FIXTURES = {"stack", "native_stack", "postgres_service", "postgres_url", "os_user"}
+#: modules whose tests are independent and long: spread over the workers one test at a time
+#: (every other module stays on one worker, so its module-scoped fixtures are built once)
+SPREAD_MODULES = {"test_every_method.py", "test_faults.py", "test_methods_modern_a.py", "test_methods.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the group marks into node ids
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup` (`make test`): the stack's tests form one group and
+    run first (the longest chain), each other module is one group unless it is in SPREAD_MODULES.
+    Without xdist the marks do nothing."""
+    for item in items:
+        module = item.path.name
+        if STACK_FIXTURES & set(item.fixturenames) and module != "test_remote_pretrain.py":  # its own `stack`
+            item.add_marker(pytest.mark.xdist_group("stack"))
+        elif module not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+    items.sort(key=lambda item: not any(m.args == ("stack",) for m in item.iter_markers("xdist_group")))
