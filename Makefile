@@ -30,11 +30,11 @@ ui: $(BIN)/sslflow              ## MLflow UI on ./mlflow.db
 
 test: $(BIN)/sslflow            ## the whole test suite
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 test-all: $(BIN)/sslflow        ## the suite plus the extended checks (the full demo job, kill -9 of every method)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 -m "extended or not extended"
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15 -m "extended or not extended"
 
 lint: $(BIN)/sslflow
 	$(BIN)/ruff check .

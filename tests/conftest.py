@@ -94,23 +94,38 @@ def _log_handlers_on_live_streams():
                     console.file = sys.stderr
 
 
-#: fixtures of the one native service stack a test session starts (tests/services.py): every
-#: test that uses one runs on the same pytest-xdist worker, so the stack is started once
-STACK_FIXTURES = {"stack", "native_stack", "postgres_service", "postgres_url", "os_user"}
+#: modules whose tests use the one native service stack a test session starts (tests/services.py:
+#: `stack`, `native_stack`, `postgres_url`, ...): they run on one pytest-xdist worker, first, so
+#: the stack starts once and its longest chain of tests starts at once
+STACK_MODULES = ("tests/stack/", "tests/tuning/test_tune.py")
 #: modules whose tests are independent and long: spread over the workers one test at a time
 #: (every other module stays on one worker, so its module-scoped fixtures are built once)
 SPREAD_MODULES = {"test_every_method.py", "test_faults.py", "test_methods_modern_a.py", "test_methods.py"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the group marks into node ids
+def worker_scope(nodeid: str) -> str:
+    """The unit `make test` hands to one xdist worker: "stack", one test, or its module."""
+    path = nodeid.split("::")[0]
+    if path.startswith(STACK_MODULES):
+        return "stack"
+    return nodeid if Path(path).name in SPREAD_MODULES else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`pytest -n N --dist loadscope` (`make test`) with the scopes of `worker_scope`. (Not
+    `xdist_group` marks: pytest-xdist 3.8's loadgroup cannot rename pytest 9's node ids, so it
+    silently schedules test by test.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkerScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_scope(nodeid)
+
+    return ByWorkerScope(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n N --dist loadgroup` (`make test`): the stack's tests form one group and
-    run first (the longest chain), each other module is one group unless it is in SPREAD_MODULES.
-    Without xdist the marks do nothing."""
-    for item in items:
-        module = item.path.name
-        if STACK_FIXTURES & set(item.fixturenames) and module != "test_remote_pretrain.py":  # its own `stack`
-            item.add_marker(pytest.mark.xdist_group("stack"))
-        elif module not in SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
-    items.sort(key=lambda item: not any(m.args == ("stack",) for m in item.iter_markers("xdist_group")))
+    """The stack's tests first (the longest chain of the suite); the rest keep their order."""
+    items.sort(key=lambda item: worker_scope(item.nodeid) != "stack")
