@@ -13,6 +13,7 @@ from typing import Any
 
 from sslflow.core.errors import UserError
 from sslflow.core.settings import Settings
+from sslflow.tasks.tuning.interrupt import StopRequest
 from sslflow.tasks.tuning.space import SearchDim, as_overrides, sample
 
 
@@ -61,6 +62,7 @@ class Objective:
     log: Callable[[str], None]
     progress_bar: bool = False
     trials_here: list[int] = field(default_factory=list)
+    stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C: stop at the next step
 
     def trial_dir(self, number: int) -> Path:
         return self.runs_dir / f"trial-{number}"
@@ -94,7 +96,7 @@ class Objective:
         mlflow_cb = self.tracker.trial_callback(run_id)
         try:
             trainer = Pretrainer(self.stores[0], params, run_dir, resume=resume,
-                                 callbacks=[mlflow_cb, PruneOnKnn(trial)],
+                                 callbacks=[mlflow_cb, PruneOnKnn(trial), self.stop],
                                  eval_stores=(self.stores[1], self.stores[2]), progress_bar=self.progress_bar)
             self._replay(trainer.history.epochs, trial, mlflow_cb)
             result = trainer.fit()

@@ -32,6 +32,7 @@ from sslflow.core.errors import UserError
 from sslflow.core.settings import Settings
 from sslflow.ssl_models.schema import as_dict
 from sslflow.tasks.tuning.holdout import objective_stores
+from sslflow.tasks.tuning.interrupt import StopRequest
 from sslflow.tasks.tuning.objective import Objective
 from sslflow.tasks.tuning.space import base_point, search_space, write_best_params
 from sslflow.tasks.tuning.storage import (
@@ -123,12 +124,14 @@ def tune(store: str | Path, settings: Settings, *, trials: int | None = None, st
     interrupted = False
     try:
         if _finished(study_obj) < trials:
-            with quiet_optuna():
+            with quiet_optuna(), objective.stop.on_sigint():
                 study_obj.optimize(objective, n_trials=None, timeout=timeout or None,
                                    callbacks=[optuna.study.MaxTrialsCallback(
                                        trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                       optuna.trial.TrialState.PRUNED))],
+                                                       optuna.trial.TrialState.PRUNED)),
+                                              _stop_when_asked(objective.stop)],
                                    gc_after_trial=True)
+        interrupted = objective.stop.requested  # Ctrl-C after the last training step of a trial
     except KeyboardInterrupt:
         interrupted = True
         log(f"tune: interrupted; the running trial is re-enqueued: rerun the same command to resume study {name!r}")
@@ -150,6 +153,16 @@ def tune(store: str | Path, settings: Settings, *, trials: int | None = None, st
     if interrupted:
         raise KeyboardInterrupt
     return result
+
+
+def _stop_when_asked(stop: StopRequest) -> Callable[[Any, Any], None]:
+    """An Optuna callback: no new trial after a Ctrl-C that came between training steps."""
+
+    def callback(study: Any, trial: Any) -> None:
+        if stop.requested:
+            study.stop()
+
+    return callback
 
 
 def _finished(study: Any) -> int:
