@@ -17,7 +17,8 @@ lease expires:
   `REAP_EVERY_S` during its wait, one reaper at a time (a server's repossessor doing the same
   at once is harmless: a decrement stops at 0, and the limit has one slot).
 
-So a killed retrain blocks the next ones for at most `lease_s` (+15 s), never forever.
+So a killed retrain blocks the next ones for at most `lease_s` (+15 s on a server, + `REAP_EVERY_S`
+with a temporary one), never forever.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ at once, as before.
 
     stop = StopRequest()
     with stop.on_sigint():
-        study.optimize(...)   # the objective calls stop.check(); the Pretrainer gets `stop` as a callback
+        study.optimize(...)   # the Pretrainer gets `stop` as a callback; an Optuna callback stops new trials
 """
 
 from __future__ import annotations

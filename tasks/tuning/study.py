@@ -134,12 +134,13 @@ def tune(store: str | Path, settings: Settings, *, trials: int | None = None, st
         interrupted = objective.stop.requested  # Ctrl-C after the last training step of a trial
     except KeyboardInterrupt:
         interrupted = True
-        log(f"tune: interrupted; the running trial is re-enqueued: rerun the same command to resume study {name!r}")
     except BaseException:
         _safe(tracker.summarize, study_obj, parent, None, log)
         _safe(tracker.end_parent, parent, "FAILED")
         raise
 
+    if interrupted:
+        log(f"tune: interrupted; a trial cut short is re-enqueued: rerun the same command to resume study {name!r}")
     result = summarize(study_obj, trials, label, objective.trials_here, parent, uri, interrupted)
     if result.best_trial is not None:
         header = [f"study {name!r} on {label}: trial {result.best_trial} of {result.complete + result.pruned}, "

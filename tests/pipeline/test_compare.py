@@ -9,10 +9,9 @@ import math
 
 import pytest
 
-from helpers import FAST, TINY_DEMO
+from helpers import FAST
 from sslflow.cli import main
 
-DATA = TINY_DEMO
 FAST_SET = [a for s in [*FAST, "eval.knn_k=5", "eval.linear_epochs=2", "tracking.embedding_map=false",
                         "tracking.augment_grid_images=0"] for a in ("--set", s)]
 
@@ -35,19 +34,7 @@ def prefect_server(tmp_path_factory):
             os.environ.pop("PREFECT_HOME", None)
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch, prefect_server):
-    """A project with a tiny demo store (40 train / 20 test images, 16 px) and its own MLflow database."""
-    from helpers import fast_params
-    from sslflow.tasks.data.ingest import ingest
-
-    monkeypatch.setenv("SSLFLOW_PROJECT", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    settings = fast_params(*DATA)
-    for split in ("train", "test"):
-        ingest("demo", tmp_path / "data" / "store", split, settings=settings, reports_dir=tmp_path / "reports",
-               log=lambda msg: None)
-    return tmp_path
+# `project` (tests/pipeline/conftest.py) runs on this module's `prefect_server`
 
 
 def test_compare_trains_children_of_one_parent_and_tables_them(project, capfd):
